@@ -1,0 +1,734 @@
+"""
+model.py -- every network of tiny-m1 in one file: the planner (a small vision-language model, "System 2"),
+the latent planning queries, the diffusion action expert ("System 1"), the noise schedule with DDIM sampling,
+the gradient decay between them, and safetensors checkpoints.
+
+This is a teaching-scale copy of InternVLA-M1 (see the paper notes in reference/paper.md):
+
+  image (B,3,96,96)
+     |  ViT: 12x12 patches -> 64 patch tokens, learned positions, pre-LN blocks
+     v
+  patch tokens (B,64,d) --projector--+
+                                     |                                 stage 1: next-token loss on
+  prompt tokens (B,L) --embed------->+--> language transformer ---+--> the answer tokens (grounding)
+                                         (prefix-LM attention)    |
+                                                                  v
+                                               hidden (B,64+L,d), last layer (k = 1)
+                                                                  |  x 0.5 on the way back (gradient decay)
+                                                                  v
+                          K learnable queries --cross-attend--> querying transformer --> cond (B,K,d_act)
+                                                                                            |
+  [ cond (K) ; timestep (1) ; state (1, optional) ; noisy actions (Hc) ] --DiT self-attn---+
+                                                                     read at the Hc action positions
+                                                                                            v
+                                                                       predicted noise eps (B,Hc,6)
+
+Attention patterns
+- ViT: all patches see all patches.
+- Language transformer: prefix-LM. Image tokens attend bidirectionally among themselves (they never see text);
+  text tokens are causal among themselves and see every image token. Text is RIGHT-padded, so a real token
+  never attends to a pad (pads come after it); pads only produce garbage hidden states that nobody reads: the
+  loss ignores them (targets -100) and the querying transformer masks them out with a key padding mask.
+- Querying transformer: queries cross-attend to the planner's hidden states (pads masked), then self-attend.
+- Action expert: plain bidirectional self-attention over the whole prefix-concatenated sequence (no adaLN:
+  the condition enters only as tokens in front of the action tokens, as in the paper).
+
+Conventions the other files rely on
+- `images`: float (B,3,H,W) already normalised by data.py; H = W = PlannerConfig.image_size or ValueError.
+- `tokens`: int64 (B,L), right-padded. `pad_mask`: bool (B,L), True where a token is PADDING (None = no pads).
+- `targets`: int64 (B,L), already shifted nanoGPT-style: logits at text position i are scored against
+  targets[:, i] (the token that follows tokens[:, i]); -100 everywhere that is not an answer token.
+- actions and states are normalised to [-1, 1] by data.py; the model only ever sees normalised values.
+
+Glossary (paper name -> code name)
+  planner / VLM / System 2                 -> Planner (vit_* + lm_* modules)
+  vision encoder (ViT)                     -> Planner.patch_embed, Planner.vit_blocks
+  projector / merger                       -> Planner.projector
+  last-layer hidden states (k = 1)         -> `hidden` returned by Planner.forward / hidden_states
+  latent planning queries                  -> QueryTransformer.queries (K = ActionExpertConfig.n_queries)
+  querying transformer                     -> QueryTransformer
+  condition tokens                         -> `cond` (B,K,d_act)
+  action expert / DiT / System 1           -> ActionExpert
+  action chunk, chunk length               -> actions (B,Hc,6), ActionExpertConfig.chunk_len = Hc
+  squaredcos_cap_v2, T = 100               -> NoiseSchedule(num_train_timesteps=100)
+  epsilon prediction                       -> ActionExpert returns predicted noise
+  DDIM, 10 steps                           -> NoiseSchedule.ddim_sample(steps=10)
+  repeated diffusion samples (x4)          -> n_noise_samples / n_noise
+  gradient decay (0.5)                     -> scale_grad(hidden, grad_decay)
+  co-training grounding loss               -> VLA.grounding_loss (the caller weights it 0.1)
+
+Run `python model.py` to build the default model on dummy input, print every stage's shape, the parameter
+counts and the time for one action chunk; `python model.py --bench-train` also measures planner training
+throughput at batch 64.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# configs
+
+
+@dataclass
+class PlannerConfig:
+    image_size: int = 96  # the planner's input image is image_size x image_size pixels
+    patch_size: int = 12  # 96/12 = 8 -> 8x8 = 64 image tokens; token count dominates CPU training time
+    vocab_size: int = 512  # set from the tokenizer (data.py); 512 fits a ~400-token BPE plus specials
+    d_model: int = 192  # one width for ViT and language transformer keeps the projector a square Linear
+    vit_layers: int = 2
+    lm_layers: int = 4
+    n_heads: int = 4
+    max_text_len: int = 64  # prompt + answer tokens; learned text positions exist up to this length
+    dropout: float = 0.0
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ActionExpertConfig:
+    chunk_len: int = 8  # Hc: actions predicted per plan (paper: 8 on LIBERO, 16 on SimplerEnv)
+    action_dim: int = 6  # 5 joints + gripper of the SO-100 arm
+    state_dim: int = 6
+    use_state: bool = False  # the released models drop robot state (hurt generalisation, gripper flicker)
+    d_model: int = 128  # d_act: width of queries, condition tokens and DiT
+    n_layers: int = 4
+    n_heads: int = 4
+    n_queries: int = 16  # K latent planning queries (64 in the released code, fewer tokens here)
+    query_layers: int = 1
+    num_train_timesteps: int = 100
+    dropout: float = 0.0
+
+
+# -----------------------------------------------------------------------------
+# building blocks shared by every transformer in the file
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention when `context` is None, cross-attention otherwise.
+    `mask` is boolean, broadcastable to (B, nh, T, S), True = may attend (the F.sdpa convention).
+    `cache` is a dict owned by the caller; when given, this call's keys/values are appended to it and the
+    queries attend to everything cached so far (used for greedy decoding)."""
+
+    def __init__(self, d, n_heads, dropout=0.0):
+        super().__init__()
+        assert d % n_heads == 0
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d, 3 * d)  # one matmul for q, k, v: on a 2-core CPU every call counts
+        self.proj = nn.Linear(d, d)
+        self.dropout = dropout
+
+    def forward(self, x, context=None, mask=None, cache=None):
+        B, T, d = x.shape
+        nh, hs = self.n_heads, d // self.n_heads
+        if context is None:
+            q, k, v = self.qkv(x).split(d, dim=2)  # 3 x (B, T, d)
+        else:  # cross-attention: queries from x, keys/values from context, same weights split in two
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[:d], b[:d])  # (B, T, d)
+            k, v = F.linear(context, w[d:], b[d:]).split(d, dim=2)  # 2 x (B, S, d)
+        S = k.shape[1]
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, S, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
+        v = v.view(B, S, nh, hs).transpose(1, 2)  # (B, nh, S, hs)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)  # (B, nh, S_past + S, hs)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, d, dropout=0.0):
+        super().__init__()
+        self.fc = nn.Linear(d, 4 * d)
+        self.proj = nn.Linear(4 * d, d)
+        self.dropout = dropout
+
+    def forward(self, x):
+        x = self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x)). Used by the ViT, the language model and
+    the DiT (the DiT needs nothing more: its condition arrives as prefix tokens)."""
+
+    def __init__(self, d, n_heads, dropout=0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = Attention(d, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = MLP(d, dropout)
+        self.dropout = dropout
+
+    def forward(self, x, mask=None, cache=None):
+        a = self.attn(self.ln1(x), mask=mask, cache=cache)
+        x = x + (F.dropout(a, self.dropout, self.training) if self.dropout > 0 else a)
+        x = x + self.mlp(self.ln2(x))
+        return x
+
+
+def init_weights(module):
+    """GPT-2 style init: small normal weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -----------------------------------------------------------------------------
+# the planner: ViT + language transformer (System 2)
+
+
+class Planner(nn.Module):
+    def __init__(self, config: PlannerConfig):
+        super().__init__()
+        c = self.config = config
+        if c.image_size % c.patch_size != 0:
+            raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
+        d, P = c.d_model, c.n_image_tokens
+        # vision encoder: a strided conv is exactly "cut into patches, flatten, Linear"
+        self.patch_embed = nn.Conv2d(3, d, kernel_size=c.patch_size, stride=c.patch_size)
+        self.vit_pos = nn.Parameter(torch.zeros(1, P, d))
+        self.vit_blocks = nn.ModuleList([Block(d, c.n_heads, c.dropout) for _ in range(c.vit_layers)])
+        self.vit_ln = nn.LayerNorm(d)
+        self.projector = nn.Linear(d, d)  # maps vision features into the language model's embedding space
+        # language transformer
+        self.tok_emb = nn.Embedding(c.vocab_size, d)
+        self.txt_pos = nn.Embedding(c.max_text_len, d)  # text positions restart at 0 after the image
+        self.drop = nn.Dropout(c.dropout)
+        self.lm_blocks = nn.ModuleList([Block(d, c.n_heads, c.dropout) for _ in range(c.lm_layers)])
+        self.ln_f = nn.LayerNorm(d)
+        # the output head reuses tok_emb.weight (weight tying, as in GPT-2); no separate parameter, so the
+        # safetensors file never holds two names for one tensor
+        # prefix-LM mask over [image; text], True = may attend
+        N = P + c.max_text_len
+        mask = torch.tril(torch.ones(N, N, dtype=torch.bool))
+        mask[:P, :P] = True  # image tokens see each other both ways (and never see text)
+        self.register_buffer("attn_mask", mask, persistent=False)
+        init_weights(self)
+        nn.init.normal_(self.vit_pos, std=0.02)
+
+    # -- pieces -------------------------------------------------------------
+    def check_images(self, images):
+        s = self.config.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != s or images.shape[3] != s:
+            raise ValueError(
+                f"the planner expects images of shape (B, 3, {s}, {s}) (config.image_size = {s}), got "
+                f"{tuple(images.shape)}; resize/normalise them with the preprocessing function in data.py, the "
+                f"same one used for training"
+            )
+
+    def encode_images(self, images):
+        self.check_images(images)
+        x = self.patch_embed(images)  # (B, d, H/ps, W/ps)
+        x = x.flatten(2).transpose(1, 2) + self.vit_pos  # (B, P, d)
+        for blk in self.vit_blocks:
+            x = blk(x)  # full attention among patches
+        return self.projector(self.vit_ln(x))  # (B, P, d) image tokens for the language model
+
+    def embed_text(self, tokens, start=0):
+        L = tokens.shape[1]
+        if start + L > self.config.max_text_len:
+            raise ValueError(f"text of {start + L} tokens is longer than max_text_len={self.config.max_text_len}")
+        pos = torch.arange(start, start + L, device=tokens.device)
+        return self.tok_emb(tokens) + self.txt_pos(pos)  # (B, L, d)
+
+    def head(self, h):
+        return F.linear(h, self.tok_emb.weight)  # (..., vocab_size)
+
+    def _hidden(self, images, tokens, caches=None):
+        img = self.encode_images(images)  # (B, P, d)
+        x = self.drop(torch.cat([img, self.embed_text(tokens)], dim=1))  # (B, P+L, d)
+        T = x.shape[1]
+        mask = self.attn_mask[:T, :T]  # (P+L, P+L) prefix-LM
+        for i, blk in enumerate(self.lm_blocks):
+            x = blk(x, mask=mask, cache=None if caches is None else caches[i])
+        return self.ln_f(x)  # (B, P+L, d)
+
+    # -- public -------------------------------------------------------------
+    def forward(self, images, tokens, targets=None):
+        """images (B,3,H,W) float, tokens (B,L) int64 right-padded, targets (B,L) int64 shifted, -100 = ignore.
+        Returns logits (B,L,V) at the text positions, the mean next-token loss (or None), hidden (B,P+L,d)."""
+        hidden = self._hidden(images, tokens)  # (B, P+L, d)
+        logits = self.head(hidden[:, self.config.n_image_tokens :])  # (B, L, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return logits, loss, hidden
+
+    def hidden_states(self, images, tokens, pad_mask=None):
+        """For stage 2 and control: no decoding, just the last layer. Returns hidden (B,P+L,d) and a key padding
+        mask (B,P+L) (True = pad, image positions never pads) or None when pad_mask is None."""
+        hidden = self._hidden(images, tokens)
+        key_pad = None
+        if pad_mask is not None:
+            img_pad = torch.zeros(tokens.shape[0], self.config.n_image_tokens, dtype=torch.bool, device=tokens.device)
+            key_pad = torch.cat([img_pad, pad_mask.bool()], dim=1)  # (B, P+L)
+        return hidden, key_pad
+
+    @torch.no_grad()
+    def generate(self, images, tokens, max_new_tokens, eos_id, pad_mask=None, use_cache=True):
+        """Greedy decoding. Returns one list of new token ids per row, cut before the first eos (eos itself is
+        not included). Prompts must be right-padded; rows of different lengths (given by pad_mask) are decoded
+        in groups of equal length, so no row ever attends to a pad. The caller sets eval mode."""
+        if pad_mask is None:
+            return self._generate_same_len(images, tokens, max_new_tokens, eos_id, use_cache)
+        lengths = (~pad_mask.bool()).sum(1)  # (B,)
+        expected = torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= lengths[:, None]
+        if not torch.equal(expected, pad_mask.bool()):
+            raise ValueError("generate needs right-padded prompts (pads only after the last real token)")
+        out = [None] * tokens.shape[0]
+        for n in lengths.unique().tolist():
+            rows = (lengths == n).nonzero().squeeze(1)
+            res = self._generate_same_len(images[rows], tokens[rows, :n], max_new_tokens, eos_id, use_cache)
+            for r, seq in zip(rows.tolist(), res):
+                out[r] = seq
+        return out
+
+    def _generate_same_len(self, images, tokens, max_new_tokens, eos_id, use_cache):
+        B, L = tokens.shape
+        n_new = min(max_new_tokens, self.config.max_text_len - L)  # text positions end at max_text_len
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool)
+        if use_cache:
+            caches = [dict() for _ in self.lm_blocks]
+            logits = self.head(self._hidden(images, tokens, caches)[:, -1])  # (B, V), prefill
+        else:
+            seq = tokens
+            logits = self.forward(images, seq)[0][:, -1]
+        for i in range(n_new):
+            nxt = logits.argmax(-1)  # (B,)
+            for b in range(B):
+                if not done[b]:
+                    if nxt[b].item() == eos_id:
+                        done[b] = True
+                    else:
+                        out[b].append(nxt[b].item())
+            if bool(done.all()) or i == n_new - 1:
+                break
+            if use_cache:
+                x = self.embed_text(nxt[:, None], start=L + i)  # (B, 1, d)
+                for blk, cache in zip(self.lm_blocks, caches):
+                    x = blk(x, cache=cache)  # one new query attends to all cached keys: no mask needed
+                logits = self.head(self.ln_f(x[:, -1]))  # (B, V)
+            else:
+                seq = torch.cat([seq, nxt[:, None]], dim=1)  # recompute everything: the reference path
+                logits = self.forward(images, seq)[0][:, -1]
+        return out
+
+
+# -----------------------------------------------------------------------------
+# gradient decay: identity forward, scaled gradient backward
+
+
+class GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x, factor: float):
+    """The action loss reaches the planner times `factor` (0.5 in the paper) so action training does not wash
+    out the spatial knowledge of stage 1. factor 0 blocks it completely (a frozen planner for this loss)."""
+    if factor == 1.0:
+        return x
+    if factor == 0.0:
+        return x.detach()
+    return GradScale.apply(x, factor)
+
+
+# -----------------------------------------------------------------------------
+# latent planning queries
+
+
+class QueryBlock(nn.Module):
+    """queries <- cross-attention to the planner, then self-attention among queries, then MLP (all pre-LN)."""
+
+    def __init__(self, d, n_heads, dropout=0.0):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(d)
+        self.cross = Attention(d, n_heads, dropout)
+        self.ln_s = nn.LayerNorm(d)
+        self.self_attn = Attention(d, n_heads, dropout)
+        self.ln_m = nn.LayerNorm(d)
+        self.mlp = MLP(d, dropout)
+
+    def forward(self, x, ctx, ctx_mask=None):
+        x = x + self.cross(self.ln_q(x), context=ctx, mask=ctx_mask)
+        x = x + self.self_attn(self.ln_s(x))
+        x = x + self.mlp(self.ln_m(x))
+        return x
+
+
+class QueryTransformer(nn.Module):
+    def __init__(self, d_in, d, n_queries, n_layers, n_heads, dropout=0.0):
+        super().__init__()
+        self.queries = nn.Parameter(torch.zeros(1, n_queries, d))
+        self.ctx_proj = nn.Linear(d_in, d)  # planner width -> action width
+        self.blocks = nn.ModuleList([QueryBlock(d, n_heads, dropout) for _ in range(n_layers)])
+        self.ln_f = nn.LayerNorm(d)
+        init_weights(self)
+        nn.init.normal_(self.queries, std=0.02)
+
+    def forward(self, hidden, key_pad=None):
+        """hidden (B,S,d_in) planner states, key_pad (B,S) True = pad -> condition tokens (B,K,d)."""
+        B = hidden.shape[0]
+        ctx = self.ctx_proj(hidden)  # (B, S, d)
+        mask = None if key_pad is None else (~key_pad)[:, None, None, :]  # (B, 1, 1, S) True = attend
+        x = self.queries.expand(B, -1, -1)  # (B, K, d)
+        for blk in self.blocks:
+            x = blk(x, ctx, mask)
+        return self.ln_f(x)  # (B, K, d)
+
+
+# -----------------------------------------------------------------------------
+# diffusion: squaredcos_cap_v2 schedule, forward noising, DDIM sampling
+
+
+class NoiseSchedule:
+    """DDPM noise schedule with the squared-cosine alpha-bar of Nichol & Dhariwal (diffusers' squaredcos_cap_v2).
+    Kept in float64: near t = T-1 alpha_bar is ~1e-7 and float32 would lose the clean signal."""
+
+    def __init__(self, num_train_timesteps=100, s=0.008, max_beta=0.999):
+        T = self.num_train_timesteps = num_train_timesteps
+
+        def alpha_bar(u):  # u in [0, 1]
+            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+        betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)]
+        self.betas = torch.tensor(betas, dtype=torch.float64)  # (T,)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # (T,) alpha_bar_t, ends near 0
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise; x0, noise (B,...), t (B,) int64."""
+        ab = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype)
+        ab = ab.view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1) broadcast over the chunk
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def ddim_timesteps(self, steps):
+        """'trailing' spacing: starts at T-1 (near-pure noise), e.g. 99, 89, ..., 9 for 10 steps of 100."""
+        T = self.num_train_timesteps
+        return [int(round(T - i * T / steps)) - 1 for i in range(steps)]
+
+    @torch.no_grad()
+    def ddim_sample(self, model_fn, shape, steps=10, generator=None, eta=0.0, x_T=None, clip_sample=True):
+        """DDIM from x_T to x_0. model_fn(x_t (B,...) float32, t (B,) int64) -> predicted noise.
+        Deterministic given a seeded torch.Generator (it draws x_T and, when eta > 0, the extra noise).
+        The update runs in float64 (the model still sees float32): if model_fn returns the exact noise used to
+        make x_T, the result equals x_0 to ~1e-12. clip_sample clamps the x_0 estimate to [-1, 1], the range of
+        normalised actions; it changes nothing when the estimate is already inside."""
+        if x_T is None:
+            x_T = torch.randn(shape, generator=generator)
+        out_dtype = x_T.dtype
+        x = x_T.double()
+        B = x.shape[0]
+        acp = self.alphas_cumprod.to(x.device)
+        ts = self.ddim_timesteps(steps)
+        for i, t in enumerate(ts):
+            ab = acp[t]
+            ab_prev = acp[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+            t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
+            eps = model_fn(x.float(), t_batch).double()
+            x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()  # the clean chunk this noise estimate implies
+            if clip_sample:
+                x0 = x0.clamp(-1.0, 1.0)
+            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+            if eta > 0:
+                x = x + sigma * torch.randn(shape, generator=generator).to(x)
+        return x.to(out_dtype)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of integer timesteps t (B,) -> (B, dim), as in DDPM / transformers."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+# -----------------------------------------------------------------------------
+# the action expert: a plain DiT with prefix conditioning (System 1)
+
+
+class ActionExpert(nn.Module):
+    def __init__(self, config: ActionExpertConfig):
+        super().__init__()
+        c = self.config = config
+        d = c.d_model
+        self.action_in = nn.Linear(c.action_dim, d)
+        self.action_pos = nn.Parameter(torch.zeros(1, c.chunk_len, d))  # which step of the chunk
+        self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.state_mlp = (
+            nn.Sequential(nn.Linear(c.state_dim, d), nn.SiLU(), nn.Linear(d, d)) if c.use_state else None
+        )
+        self.blocks = nn.ModuleList([Block(d, c.n_heads, c.dropout) for _ in range(c.n_layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.out = nn.Linear(d, c.action_dim)
+        self.schedule = NoiseSchedule(c.num_train_timesteps)
+        init_weights(self)
+        nn.init.normal_(self.action_pos, std=0.02)
+
+    def forward(self, noisy, t, cond, state=None):
+        """noisy (B,Hc,A), t (B,) int64, cond (B,K,d), state (B,S) or None -> predicted noise (B,Hc,A)."""
+        c = self.config
+        parts = [cond, self.time_mlp(timestep_embedding(t, c.d_model))[:, None]]  # (B,K,d), (B,1,d)
+        if c.use_state:
+            if state is None:
+                raise ValueError("this action expert was built with use_state=True: pass the normalised state")
+            parts.append(self.state_mlp(state)[:, None])  # (B, 1, d)
+        parts.append(self.action_in(noisy) + self.action_pos)  # (B, Hc, d)
+        x = torch.cat(parts, dim=1)  # (B, K+1(+1)+Hc, d): prefix concatenation
+        for blk in self.blocks:
+            x = blk(x)  # plain bidirectional self-attention
+        return self.out(self.ln_f(x[:, -c.chunk_len :]))  # (B, Hc, A) read at the action positions
+
+    def loss(self, cond, actions, state=None, n_noise_samples=4):
+        """Epsilon-prediction MSE. Each sample is repeated n times with fresh noise and timesteps: extra diffusion
+        targets for the price of one planner pass. cond (B,K,d), actions (B,Hc,A) in [-1, 1]."""
+        n = n_noise_samples
+        cond = cond.repeat_interleave(n, dim=0)  # (B*n, K, d)
+        actions = actions.repeat_interleave(n, dim=0)  # (B*n, Hc, A)
+        if state is not None:
+            state = state.repeat_interleave(n, dim=0)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (actions.shape[0],), device=actions.device)
+        noise = torch.randn_like(actions)
+        noisy = self.schedule.q_sample(actions, t, noise)
+        return F.mse_loss(self(noisy, t, cond, state), noise)
+
+    @torch.no_grad()
+    def sample(self, cond, state=None, steps=10, generator=None):
+        """DDIM from pure noise -> normalised action chunk (B,Hc,A)."""
+        c = self.config
+        shape = (cond.shape[0], c.chunk_len, c.action_dim)
+        return self.schedule.ddim_sample(lambda x, t: self(x, t, cond, state), shape, steps, generator)
+
+
+# -----------------------------------------------------------------------------
+# the whole policy network: planner + queries + action expert
+
+
+class VLA(nn.Module):
+    def __init__(self, planner_config: PlannerConfig, action_config: ActionExpertConfig):
+        super().__init__()
+        self.planner_config, self.action_config = planner_config, action_config
+        a = action_config
+        self.planner = Planner(planner_config)
+        self.queries = QueryTransformer(planner_config.d_model, a.d_model, a.n_queries, a.query_layers, a.n_heads,
+                                        a.dropout)
+        self.expert = ActionExpert(action_config)
+
+    def grounding_loss(self, images, tokens, targets):
+        """Stage 1 / co-training: next-token loss on the answer tokens; touches only the planner."""
+        return self.planner(images, tokens, targets)[1]
+
+    def condition(self, images, tokens, pad_mask=None, grad_decay=1.0):
+        """Planner reads image + (spatial) prompt, never decodes; queries turn its hidden states into cond."""
+        hidden, key_pad = self.planner.hidden_states(images, tokens, pad_mask)  # (B, P+L, d), (B, P+L)
+        hidden = scale_grad(hidden, grad_decay)  # gradient decay between System 1 and System 2
+        return self.queries(hidden, key_pad)  # (B, K, d_act)
+
+    def action_loss(self, images, tokens, pad_mask, actions_norm, state_norm=None, grad_decay=0.5, n_noise=4):
+        cond = self.condition(images, tokens, pad_mask, grad_decay)
+        return self.expert.loss(cond, actions_norm, state_norm, n_noise)
+
+    @torch.no_grad()
+    def predict_actions(self, images, tokens, pad_mask=None, state_norm=None, n_ddim=10, generator=None):
+        """One planner pass + n_ddim DiT passes -> normalised action chunk (B,Hc,A). Caller sets eval mode."""
+        cond = self.condition(images, tokens, pad_mask)
+        return self.expert.sample(cond, state_norm, n_ddim, generator)
+
+    def param_groups(self, lr_planner=1e-5, lr_action=1e-4, lr_other=5e-5, weight_decay=0.01):
+        """AdamW groups with the paper's per-module learning rates (use betas=(0.9, 0.95)). Weight decay only
+        on matrices; biases, LayerNorms, position tables and queries are not decayed (nanoGPT's rule).
+        Each group carries 'name' and 'base_lr' so a schedule can scale every lr by the same factor."""
+        groups = []
+        for name, module, lr in [("planner", self.planner, lr_planner), ("action", self.expert, lr_action),
+                                 ("other", self.queries, lr_other)]:
+            decay = [p for n, p in module.named_parameters() if p.dim() >= 2 and "pos" not in n and n != "queries"]
+            ids = {id(p) for p in decay}
+            no_decay = [p for p in module.parameters() if id(p) not in ids]
+            groups.append(dict(name=name, params=decay, lr=lr, base_lr=lr, weight_decay=weight_decay))
+            groups.append(dict(name=name + "_no_decay", params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0))
+        covered = sum(len(g["params"]) for g in groups)
+        assert covered == len(list(self.parameters())), "a parameter is missing from the optimizer groups"
+        return groups
+
+    @classmethod
+    def from_planner_checkpoint(cls, ckpt_dir, action_config: ActionExpertConfig = None):
+        """Start stage 2 from a stage-1 checkpoint: planner weights loaded, queries and expert fresh.
+        Returns (vla, config, fresh_keys): fresh_keys lists every parameter that was NOT loaded.
+        A VLA checkpoint is accepted too (then everything loads and fresh_keys is empty)."""
+        config, state = _read_checkpoint(ckpt_dir)
+        m = config["model"]
+        pcfg = PlannerConfig(**m["planner"])
+        if action_config is None:
+            action_config = ActionExpertConfig(**m["action"]) if m.get("action") else ActionExpertConfig()
+        vla = cls(pcfg, action_config)
+        if m["kind"] == "planner":
+            vla.planner.load_state_dict(state, strict=True)
+            fresh = [k for k in vla.state_dict() if not k.startswith("planner.")]
+        else:
+            missing, unexpected = vla.load_state_dict(state, strict=False)
+            if unexpected:
+                raise ValueError(f"checkpoint {ckpt_dir} has weights this model does not: {unexpected[:5]}")
+            fresh = list(missing)
+        return vla, config, fresh
+
+
+# -----------------------------------------------------------------------------
+# Policy (the control-time wrapper: load checkpoint -> preprocess -> plan a chunk with DDIM -> hand out one
+# action per control step -> re-plan every few steps) goes here; the lead writes it.
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: model.safetensors + config.json, never pickle
+
+
+def save_checkpoint(out_dir, model, config: dict):
+    """Writes out_dir/model.safetensors and out_dir/config.json. `config` is any JSON-able dict from the caller
+    (tokenizer, normalisation stats, step, metrics ...); the model configs are added under the key "model"."""
+    if "model" in config:
+        raise ValueError('save_checkpoint stores the model configs under "model": rename that key in your config')
+    if isinstance(model, VLA):
+        m = dict(kind="vla", planner=asdict(model.planner_config), action=asdict(model.action_config))
+    elif isinstance(model, Planner):
+        m = dict(kind="planner", planner=asdict(model.config), action=None)
+    else:
+        raise TypeError(f"save_checkpoint takes a Planner or a VLA, got {type(model).__name__}")
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(out_dir, "model.safetensors"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({**config, "model": m}, f, indent=2)
+
+
+def _read_checkpoint(ckpt_dir):
+    wpath, cpath = os.path.join(ckpt_dir, "model.safetensors"), os.path.join(ckpt_dir, "config.json")
+    for p in (wpath, cpath):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(
+                f"no checkpoint at {ckpt_dir} (missing {os.path.basename(p)}): train one with "
+                f"python train_grounding.py (stage 1) or python train_action.py (stage 2)"
+            )
+    with open(cpath) as f:
+        config = json.load(f)
+    return config, load_file(wpath)
+
+
+def load_checkpoint(ckpt_dir):
+    """Rebuilds the model (Planner or VLA) from config.json and loads the weights strictly. -> (model, config)."""
+    config, state = _read_checkpoint(ckpt_dir)
+    m = config["model"]
+    if m["kind"] == "vla":
+        model = VLA(PlannerConfig(**m["planner"]), ActionExpertConfig(**m["action"]))
+    else:
+        model = Planner(PlannerConfig(**m["planner"]))
+    model.load_state_dict(state, strict=True)
+    return model, config
+
+
+# -----------------------------------------------------------------------------
+# python model.py: every stage on dummy input
+
+
+def bench_train(pcfg, batch=64, text_len=48, steps=5):
+    """Planner forward+backward+AdamW step at batch 64 -> samples/s (the number that sizes stage 1)."""
+    torch.manual_seed(0)
+    planner = Planner(pcfg)
+    opt = torch.optim.AdamW(planner.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    imgs = torch.randn(batch, 3, pcfg.image_size, pcfg.image_size)
+    toks = torch.randint(0, pcfg.vocab_size, (batch, text_len))
+    tgts = toks.roll(-1, 1)
+    tgts[:, : text_len // 2] = -100
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = planner(imgs, toks, tgts)[1]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i > 0:  # step 0 warms up allocators
+            times.append(time.perf_counter() - t0)
+    return batch / (sum(times) / len(times))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build the default tiny-m1 model on dummy input")
+    ap.add_argument("--bench-train", action="store_true", help="also time planner training at batch 64")
+    ap.add_argument("--text-len", type=int, default=48, help="prompt tokens in the dummy input")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    pcfg, acfg = PlannerConfig(), ActionExpertConfig()
+    vla = VLA(pcfg, acfg).eval()
+    B, L = 2, args.text_len
+    images = torch.randn(B, 3, pcfg.image_size, pcfg.image_size)
+    tokens = torch.randint(0, pcfg.vocab_size, (B, L))
+    pad_mask = torch.zeros(B, L, dtype=torch.bool)
+    pad_mask[1, L - 5 :] = True  # the second prompt is 5 tokens shorter
+    with torch.no_grad():
+        img_tok = vla.planner.encode_images(images)
+        logits, _, hidden = vla.planner(images, tokens)
+        cond = vla.condition(images, tokens, pad_mask)
+        noisy = torch.randn(B, acfg.chunk_len, acfg.action_dim)
+        eps = vla.expert(noisy, torch.full((B,), 50), cond)
+        chunk = vla.predict_actions(images, tokens, pad_mask, generator=torch.Generator().manual_seed(0))
+    print(f"images          {tuple(images.shape)}")
+    print(f"image tokens    {tuple(img_tok.shape)}")
+    print(f"text logits     {tuple(logits.shape)}")
+    print(f"hidden          {tuple(hidden.shape)}")
+    print(f"cond (queries)  {tuple(cond.shape)}")
+    print(f"noise pred      {tuple(eps.shape)}")
+    print(f"sampled chunk   {tuple(chunk.shape)}  range [{chunk.min():.2f}, {chunk.max():.2f}]")
+    print(f"params: planner {count_params(vla.planner) / 1e6:.2f}M (ViT {sum(count_params(m) for m in [vla.planner.patch_embed, vla.planner.vit_blocks, vla.planner.vit_ln]) / 1e6:.2f}M), "
+          f"queries {count_params(vla.queries) / 1e6:.2f}M, action expert {count_params(vla.expert) / 1e6:.2f}M, "
+          f"total {count_params(vla) / 1e6:.2f}M")
+
+    # latency of one action chunk at batch 1: planner pass + 10 DDIM steps of the DiT
+    img1, tok1 = images[:1], tokens[:1]
+    for _ in range(3):
+        vla.predict_actions(img1, tok1)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        vla.predict_actions(img1, tok1, n_ddim=10)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    print(f"one action chunk (batch 1, {L} prompt tokens, 10 DDIM steps): {1000 * times[len(times) // 2]:.1f} ms "
+          f"median on {torch.get_num_threads()} CPU threads")
+    if args.bench_train:
+        sps = bench_train(pcfg, text_len=L)
+        print(f"planner training, batch 64, {pcfg.n_image_tokens}+{L} tokens: {sps:.1f} samples/s")

@@ -1,0 +1,123 @@
+"""Tests of the simulated world: determinism, the expert, camera geometry, action checks, the split."""
+import re
+
+import numpy as np
+import pytest
+
+import sim
+
+
+def _rollout(seed, n_steps, split="train"):
+    env = sim.SO100Env(image_size=64, split=split)
+    obs, info = env.reset(seed=seed)
+    expert = sim.ScriptedExpert(env)
+    expert.reset()
+    images, states = [obs["image"]], [obs["state"]]
+    for _ in range(n_steps):
+        obs, *_ = env.step(expert.act())
+        images.append(obs["image"])
+        states.append(obs["state"])
+    return info["instruction"], np.stack(images), np.stack(states)
+
+
+def test_same_seed_same_episode():
+    a, b = _rollout(3, 12), _rollout(3, 12)
+    assert a[0] == b[0]
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    c = _rollout(4, 0)
+    assert c[0] != a[0] or not np.array_equal(c[1][0], a[1][0])
+
+
+def test_observation_format():
+    env = sim.SO100Env(image_size=48)
+    obs, info = env.reset(seed=0)
+    assert obs["image"].shape == (48, 48, 3) and obs["image"].dtype == np.uint8
+    assert obs["state"].shape == (6,) and obs["state"].dtype == np.float32
+    for key in ("instruction", "success", "boxes", "target_box", "target_point", "trace", "ee_pixel"):
+        assert key in info
+    assert obs["image"].std() > 5  # a real picture, not a blank frame
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_expert_succeeds(split):
+    env = sim.SO100Env(image_size=64, split=split, render=False)
+    wins = sum(sim.run_expert_episode(env, seed)["success"] for seed in range(100, 105))
+    assert wins >= 4, f"expert solved only {wins}/5 {split} episodes"
+
+
+def test_projected_boxes_contain_the_objects_pixels():
+    env = sim.SO100Env(image_size=96)
+    checked = 0
+    for seed in range(4):
+        env.reset(seed=seed)
+        seg = env.render(segmentation=True)[..., 0]  # (H, W) geom id per pixel, -1 for background
+        for i, ob in enumerate(env.scene["objects"]):
+            body = env.model.body(f"obj{i}").id
+            geoms = [g for g in range(env.model.ngeom) if env.model.geom_bodyid[g] == body]
+            rows, cols = np.nonzero(np.isin(seg, geoms))
+            if len(rows) < 4:  # hidden behind the arm: nothing to check
+                continue
+            x1, y1, x2, y2 = sim.box_of(env.model, env.data, f"obj{i}", 96, 96)
+            # every pixel of the object lies inside its projected box (1 px of rasterisation slack)
+            assert cols.min() >= x1 - 1 and cols.max() + 1 <= x2 + 1
+            assert rows.min() >= y1 - 1 and rows.max() + 1 <= y2 + 1
+            # and the box is tight: it is not much bigger than the object's visible extent
+            seg_area = (cols.max() + 1 - cols.min()) * (rows.max() + 1 - rows.min())
+            assert (x2 - x1) * (y2 - y1) <= 2.5 * seg_area + 10
+            checked += 1
+    assert checked >= 6
+
+
+def test_project_centre_of_image():
+    env = sim.SO100Env(image_size=80)
+    env.reset(seed=0)
+    cam = env.model.camera("front").id
+    pos, rot = env.data.cam_xpos[cam], env.data.cam_xmat[cam].reshape(3, 3)
+    ahead = pos - 0.5 * rot[:, 2]  # half a metre along the viewing direction
+    uv = sim.project(env.model, env.data, ahead[None], 80, 80)[0]
+    assert np.allclose(uv, [40, 40], atol=1e-6)
+    up = ahead + 0.01 * rot[:, 1]  # a point above it appears higher in the image (smaller y)
+    assert sim.project(env.model, env.data, up[None], 80, 80)[0][1] < 40
+
+
+def test_bad_actions_are_refused():
+    env = sim.SO100Env(image_size=32, render=False)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.zeros(5))
+    with pytest.raises(ValueError, match="NaN"):
+        env.step(np.array([0, 0, np.nan, 0, 0, 0]))
+
+
+def test_joint_targets_are_limited_to_the_ranges():
+    env = sim.SO100Env(image_size=32, render=False)
+    env.reset(seed=0)
+    for target in (np.full(6, 10.0), np.full(6, -10.0)):
+        for _ in range(5):
+            obs, *_ = env.step(target)
+        assert np.all(env.data.ctrl[:6] <= sim.JOINT_HIGH + 1e-9) and np.all(env.data.ctrl[:6] >= sim.JOINT_LOW - 1e-9)
+        assert np.all(obs["state"] <= sim.JOINT_HIGH + 0.05) and np.all(obs["state"] >= sim.JOINT_LOW - 0.05)
+
+
+def _template_regex(t):
+    return re.compile("^" + re.escape(t).replace(r"\{o\}", ".+").replace(r"\{c\}", ".+") + "$")
+
+
+def test_split_never_leaks():
+    rng = np.random.default_rng(0)
+    test_res = [_template_regex(t) for t in sim.TEST_TEMPLATES]
+    train_res = [_template_regex(t) for t in sim.TRAIN_TEMPLATES]
+    seen_combos = set()
+    for _ in range(3000):
+        sc = sim.sample_scene(rng, "train")
+        assert sc["combo"] not in sim.TEST_COMBOS
+        assert sc["template"] in sim.TRAIN_TEMPLATES
+        assert not any(r.match(sc["instruction"]) for r in test_res), sc["instruction"]
+        seen_combos.add(sc["combo"])
+    for _ in range(500):
+        sc = sim.sample_scene(rng, "test")
+        assert sc["combo"] in sim.TEST_COMBOS and sc["template"] in sim.TEST_TEMPLATES
+        assert not any(r.match(sc["instruction"]) for r in train_res), sc["instruction"]
+    # the reserved combinations are new only as combinations: each colour, shape and container is trained on
+    words = {w for c in seen_combos for w in c}
+    assert {w for c in sim.TEST_COMBOS for w in c} <= words
