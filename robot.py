@@ -478,9 +478,9 @@ class SimBus:
         self.ticks = 0
         self._in, self._out = bytearray(), bytearray()
         self.env, self.obs, self.info = env, None, {}
+        self.reward, self.terminated, self.truncated = 0.0, False, False
         if env is not None:
-            self.obs, self.info = env.reset(seed=seed)
-            self._positions_from_env()
+            self.reset_env(seed)
 
     @classmethod
     def with_mujoco(cls, seed=None, image_size: int = 96, split: str = "train", **kwargs):
@@ -490,7 +490,15 @@ class SimBus:
             env = sim.SO100Env(image_size=image_size, split=split)
         except (ImportError, AttributeError) as e:
             raise ArmError(f"the simulated arm needs sim.py with SO100Env and MuJoCo (pip install mujoco): {e}")
+        except RuntimeError as e:   # e.g. sim.RenderError: no OpenGL; its message says what to install
+            raise ArmError(str(e)) from None
         return cls(env=env, seed=seed, **kwargs)
+
+    def reset_env(self, seed=None):
+        """A new episode on the MuJoCo arm (a new table); the servos keep their registers."""
+        self.obs, self.info = self.env.reset(seed=seed)
+        self.reward, self.terminated, self.truncated = 0.0, False, False
+        self._positions_from_env()
 
     # -- the pyserial methods robot.py uses ----------------------------------------------------------------
     def write(self, data: bytes) -> int:
@@ -811,11 +819,21 @@ class SO100Arm:
         return False
 
     def connect(self) -> "SO100Arm":
+        """Open the port, find and check the six servos, configure them. On failure the port is closed again."""
         cfg = self.config
         if self.port is None:
             self.port = SimBus.with_mujoco() if self.port_name == "sim" else \
                 open_port(self.port_name, cfg.baudrate, cfg.timeout)
         self.bus = ServoBus(self.port, cfg.retries)
+        try:
+            self._find_and_configure()
+        except BaseException:
+            self.disconnect()
+            raise
+        return self
+
+    def _find_and_configure(self):
+        cfg = self.config
         ids = list(MOTOR_IDS)
         missing = [i for i in ids if not self.bus.ping(i)]
         if missing == ids:
@@ -848,7 +866,6 @@ class SO100Arm:
         self.bus.write(MOTOR_IDS[GRIPPER], "torque_limit", cfg.gripper_torque_limit)
         if self.calibration is not None:
             self.reference = self.read_joints()
-        return self
 
     def disconnect(self):
         """Torque off (best effort: this also runs after errors) and close the port."""
@@ -859,6 +876,10 @@ class SO100Arm:
                 print(f"warning: could not switch torque off on {self.name}: {e}", file=sys.stderr)
             self.bus = None
         if self.port is not None:
+            try:
+                self.port.flush()   # let the torque-off packet leave before the port closes
+            except Exception:
+                pass
             self.port.close()
 
     def write_eeprom(self, servo_id: int, register: str, value: int):
@@ -1042,7 +1063,7 @@ def default_calibration_path(port: str, arm_name: str) -> str:
     return os.path.join("calibration", ("sim_" if is_sim(port) else "") + f"{arm_name}.json")
 
 
-def load_calibration(args, port: str, arm_name: str, path: str | None) -> Calibration:
+def load_calibration(port: str, arm_name: str, path: str | None) -> Calibration:
     """The arm's calibration file; the simulated arm falls back to its exact calibration."""
     path = path or default_calibration_path(port, arm_name)
     if is_sim(port) and not os.path.exists(path):
@@ -1055,7 +1076,6 @@ def make_arm(port: str, calibration, args, name: str, mujoco: bool = False, seed
     config = ArmConfig(max_step=args.max_step if getattr(args, "max_step", 0) else None)
     if is_sim(port):
         bus = SimBus.with_mujoco(seed=seed, image_size=getattr(args, "image_size", 96)) if mujoco else SimBus()
-        bus.port = "sim"
         return SO100Arm(bus, calibration, config, name)
     return SO100Arm(port, calibration, config, name)
 
@@ -1136,11 +1156,17 @@ def cmd_calibrate(args):
         if is_sim(args.port):
             calibration = calibrate_sim(arm)
         else:
-            input(f"{args.arm}: torque is off. Move every joint to the middle of its range, then press Enter ")
             stop = threading.Event()
-            threading.Thread(target=lambda: (input(), stop.set()), daemon=True).start()
-            print("then press Enter when done")
-            calibration = calibrate(arm, lambda: None, stop.is_set)
+
+            def sweep_done():   # first call: wait for Enter on another thread while positions are polled
+                if not hasattr(sweep_done, "thread"):
+                    print("... and press Enter when done")
+                    sweep_done.thread = threading.Thread(target=lambda: (input(), stop.set()), daemon=True)
+                    sweep_done.thread.start()
+                return stop.is_set()
+
+            calibration = calibrate(arm, lambda: input(f"{args.arm}: torque is off. Move every joint to the middle "
+                                                       "of its range, then press Enter "), sweep_done)
     calibration.save(path)
     print(f"saved {path}")
     for name, j in calibration.joints.items():
@@ -1149,7 +1175,7 @@ def cmd_calibrate(args):
 
 
 def cmd_read(args):
-    calibration = load_calibration(args, args.port, args.arm, args.calibration)
+    calibration = load_calibration(args.port, args.arm, args.calibration)
     with make_arm(args.port, calibration, args, args.arm) as arm:
         t_end = time.monotonic() + args.seconds if args.seconds > 0 else math.inf
         while time.monotonic() < t_end:
@@ -1170,8 +1196,8 @@ def _sim_hand_sine(t0: float = 0.0):
 
 
 def cmd_teleop(args):
-    leader_cal = load_calibration(args, args.leader_port, "leader", args.leader_calibration)
-    follower_cal = load_calibration(args, args.port, args.arm, args.calibration)
+    leader_cal = load_calibration(args.leader_port, "leader", args.leader_calibration)
+    follower_cal = load_calibration(args.port, args.arm, args.calibration)
     with make_arm(args.leader_port, leader_cal, args, "leader") as leader, \
             make_arm(args.port, follower_cal, args, args.arm) as follower:
         if is_sim(args.leader_port):
@@ -1187,18 +1213,25 @@ def cmd_teleop(args):
             if ticks % max(1, int(args.fps)) == 0:
                 print("\r" + fmt_joints(q_follower) + " (deg)", end="", flush=True)
             t_next += period
-            if not is_sim(args.port):
-                sleep_until(t_next)
+            sleep_until(t_next)   # also in sim: teleop is watched live
         error = np.abs(follower.read_joints() - leader.read_joints()).max()
         print(f"\n{ticks} ticks; follower - leader now {np.degrees(error):.1f} deg at most")
         return ticks, error
 
 
+def import_project_module(name: str, what: str):
+    """data.py / model.py, imported only by the commands that need them (torch is not needed to teleoperate)."""
+    try:
+        return __import__(name)
+    except ImportError as e:
+        raise ArmError(f"{what} needs {name}.py from this repository and its dependencies: {e}") from None
+
+
 def cmd_record(args):
-    import data  # only here: the demonstration file format lives in data.py
+    data = import_project_module("data", "record")   # the demonstration file format lives in data.py
     sim_arm = is_sim(args.port)
-    follower_cal = load_calibration(args, args.port, args.arm, args.calibration)
-    leader_cal = load_calibration(args, args.leader_port, "leader", args.leader_calibration)
+    follower_cal = load_calibration(args.port, args.arm, args.calibration)
+    leader_cal = load_calibration(args.leader_port, "leader", args.leader_calibration)
     paths = []
     with make_arm(args.port, follower_cal, args, args.arm, mujoco=sim_arm, seed=args.seed) as follower, \
             make_arm(args.leader_port, leader_cal, args, "leader") as leader:
@@ -1206,8 +1239,7 @@ def cmd_record(args):
         try:
             for episode in range(args.episodes):
                 if sim_arm and episode > 0:
-                    follower.port.obs, follower.port.info = follower.port.env.reset()
-                    follower.port._positions_from_env()
+                    follower.port.reset_env()
                 expert = None
                 if sim_arm and is_sim(args.leader_port):
                     expert = _leader_follows_expert(leader.port, follower.port)
@@ -1278,7 +1310,7 @@ def _sim_expert_episode(seed: int, image_size: int) -> dict:
 def cmd_replay(args):
     sim_arm = is_sim(args.port)
     if args.root:
-        import data
+        data = import_project_module("data", "replay")
         episodes = data.read_demo_episodes(args.root)
         if not 0 <= args.index < len(episodes):
             raise ArmError(f"{args.root} holds {len(episodes)} episodes; --index {args.index} is not one of them")
@@ -1288,7 +1320,7 @@ def cmd_replay(args):
         print(f"no --root given: replaying the scripted expert on table seed {args.seed}")
     else:
         raise ArmError("say which demonstrations to replay: --root DIR (and --index N)")
-    calibration = load_calibration(args, args.port, args.arm, args.calibration)
+    calibration = load_calibration(args.port, args.arm, args.calibration)
     with make_arm(args.port, calibration, args, args.arm, mujoco=sim_arm, seed=args.seed) as arm:
         arm.torque_on()
         period, t_next = 1.0 / args.fps, time.monotonic()
@@ -1305,11 +1337,11 @@ def cmd_replay(args):
 
 
 def cmd_run(args):
-    from model import Policy   # only here: torch is not needed to drive the arm by hand
+    Policy = import_project_module("model", "run").Policy
     policy = Policy.load(args.ckpt)
     policy.reset()
     sim_arm = is_sim(args.port)
-    calibration = load_calibration(args, args.port, args.arm, args.calibration)
+    calibration = load_calibration(args.port, args.arm, args.calibration)
     args.image_size = policy.image_size
     with make_arm(args.port, calibration, args, args.arm, mujoco=sim_arm, seed=args.seed) as arm:
         camera = Camera(args.camera, arm.port if sim_arm else None)
@@ -1319,7 +1351,7 @@ def cmd_run(args):
         print(f"running {args.ckpt} at {args.fps} Hz: {instruction!r} (Ctrl-C stops and switches torque off)")
         try:
             arm.torque_on()
-            period, t_next, steps = 1.0 / args.fps, time.monotonic(), int(args.seconds * args.fps)
+            period, t_next, steps, t = 1.0 / args.fps, time.monotonic(), int(args.seconds * args.fps) if args.seconds > 0 else 10**9, -1
             for t in range(steps):
                 obs = {"image": resize_frame(camera.read(), policy.image_size),   # (S, S, 3) uint8
                        "state": arm.read_joints()}                                # (6,) float32 radians
@@ -1365,25 +1397,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("read", "print the joint angles live", cmd_read)
     p.add_argument("--seconds", type=float, default=0, help="stop after this long (0 = until Ctrl-C)")
 
-    def add_control(p, fps, seconds):
+    def add_control(p, fps, seconds, seconds_help="how long to run (0 = until Ctrl-C)"):
         p.add_argument("--fps", type=float, default=fps, help="control ticks per second")
-        p.add_argument("--seconds", type=float, default=seconds, help="how long to run (0 = until Ctrl-C)")
+        p.add_argument("--seconds", type=float, default=seconds, help=seconds_help)
         p.add_argument("--seed", type=int, default=0, help="--port sim: which simulated table")
         p.add_argument("--image-size", type=int, default=96, help="camera frames are resized to this square")
         p.add_argument("--camera", type=int, default=0, help="OpenCV camera index (ignored with --port sim)")
         p.add_argument("--instruction", default=None, help="the task in words (sim: the table's instruction)")
 
-    for name, help, func, fps, seconds in [("teleop", "a leader arm moved by hand drives the follower", cmd_teleop, 60, 0),
-                                           ("record", "record teleoperated demonstrations", cmd_record, 30, 12)]:
+    for name, help, func, fps, seconds, seconds_help in [
+            ("teleop", "a leader arm moved by hand drives the follower", cmd_teleop, 60, 0,
+             "how long to run (0 = until Ctrl-C)"),
+            ("record", "record teleoperated demonstrations", cmd_record, 30, 12,
+             "longest episode (sim: an episode also ends on success)")]:
         p = add(name, help, func)
-        add_control(p, fps, seconds)
+        add_control(p, fps, seconds, seconds_help)
         p.add_argument("--leader-port", required=True, help="serial port of the leader arm, or 'sim'")
         p.add_argument("--leader-calibration", default=None, help="default calibration/leader.json")
         if name == "record":
             p.add_argument("--root", default="demos", help="folder the episodes are written to")
             p.add_argument("--episodes", type=int, default=1, help="how many episodes to record")
     p = add("replay", "send a recorded episode's actions to the arm", cmd_replay)
-    add_control(p, 30, 0)
+    add_control(p, 30, 0, "unused: the episode sets the length")
     p.add_argument("--root", default=None, help="folder of recorded episodes (sim: optional)")
     p.add_argument("--index", type=int, default=0, help="which episode in --root")
     p = add("run", "run a trained policy: camera frame + joint state -> action", cmd_run)
@@ -1395,6 +1430,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for port in (args.port, getattr(args, "leader_port", "sim")):   # before anything else is loaded
+            if not is_sim(port) and not port.upper().startswith("COM") and not os.path.exists(port):
+                raise PortNotFoundError(port_not_found_message(port))
         args.func(args)
     except ArmError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -207,9 +207,9 @@ def _camera_xyaxes(pos, target):
     return " ".join(f"{v:.5f}" for v in (*x, *y))
 
 
-CAMERA_POS = (0.46, -0.26, 0.36)     # in front of the table, a little to the side, like a webcam
-CAMERA_TARGET = (0.12, 0.0, 0.03)
-CAMERA_FOVY = 45.0
+CAMERA_POS = (0.38, -0.14, 0.38)     # in front of the table, a little to the side, like a webcam
+CAMERA_TARGET = (0.12, -0.04, 0.0)
+CAMERA_FOVY = 58.0                    # chosen so the whole reachable table fills the frame
 
 
 def build_mjcf(scene: dict, look: dict) -> str:
@@ -272,7 +272,7 @@ def build_mjcf(scene: dict, look: dict) -> str:
   <option timestep="0.002" integrator="implicitfast" cone="elliptic" impratio="5"/>
   <visual>
     <quality shadowsize="0"/>
-    <global offwidth="640" offheight="480"/>
+    <global offwidth="{max(640, look.get('image_size', 0))}" offheight="{max(480, look.get('image_size', 0))}"/>
     <headlight ambient="{look['ambient']:.3f} {look['ambient']:.3f} {look['ambient']:.3f}" diffuse="0.3 0.3 0.3" specular="0 0 0"/>
   </visual>
   <default>{arm_class}
@@ -398,6 +398,66 @@ class RenderError(RuntimeError):
     pass
 
 
+class Camera:
+    """Offscreen rendering of one fixed camera with MuJoCo's low-level API.
+
+    One OpenGL context lives as long as the environment and serves every episode's freshly compiled model:
+    our models use only built-in shapes (no meshes or textures), so the GPU-side context does not depend
+    on which objects are on the table. (Creating a context per episode costs ~50 ms, and the first frame of
+    each new context another ~90 ms; a frame from a warm one costs ~1 ms.)
+    """
+
+    def __init__(self, model: mujoco.MjModel, width: int, height: int):
+        try:
+            self.gl = mujoco.GLContext(width, height)
+            self.gl.make_current()
+            self.ctx = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_100)
+        except Exception as e:  # no OpenGL backend could start
+            raise RenderError(
+                f"MuJoCo could not start an OpenGL context (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): {e}\n"
+                "On a headless Linux machine install EGL (Debian/Ubuntu: apt install libegl1 libgl1) or OSMesa "
+                "(apt install libosmesa6, then MUJOCO_GL=osmesa); on a desktop set MUJOCO_GL=glfw. "
+                "Or construct the environment with render=False.") from e
+        mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self.ctx)
+        self.rect = mujoco.MjrRect(0, 0, width, height)
+        self.rgb = np.zeros((height, width, 3), np.uint8)
+        self.opt = mujoco.MjvOption()
+        self.cam = mujoco.MjvCamera()
+        self.cam.type = mujoco.mjtCamera.mjCAMERA_FIXED
+        self.scene = mujoco.MjvScene(model, maxgeom=2000)
+
+    def render(self, model, data, camera: str = "front", segmentation: bool = False) -> np.ndarray:
+        """RGB uint8 (H, W, 3); with segmentation=True, the geom id of every pixel (H, W), -1 for background."""
+        self.gl.make_current()
+        self.cam.fixedcamid = model.camera(camera).id
+        mujoco.mjv_updateScene(model, data, self.opt, None, self.cam, mujoco.mjtCatBit.mjCAT_ALL, self.scene)
+        self.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0       # shadows off: ~1 ms per frame
+        self.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self.scene.flags[mujoco.mjtRndFlag.mjRND_SEGMENT] = segmentation
+        self.scene.flags[mujoco.mjtRndFlag.mjRND_IDCOLOR] = segmentation
+        mujoco.mjr_render(self.rect, self.scene, self.ctx)
+        mujoco.mjr_readPixels(self.rgb, None, self.rect, self.ctx)
+        rgb = np.flipud(self.rgb)  # OpenGL's rows run bottom-up
+        if not segmentation:
+            return rgb.copy()
+        # each scene geom is drawn in a flat colour that encodes its index + 1 (0 = background)
+        seg = rgb[..., 0].astype(np.int64) + rgb[..., 1].astype(np.int64) * 256 + rgb[..., 2].astype(np.int64) * 65536
+        lookup = np.full(self.scene.ngeom + 1, -1)
+        for i in range(self.scene.ngeom):
+            g = self.scene.geoms[i]
+            if g.objtype == mujoco.mjtObj.mjOBJ_GEOM:
+                lookup[g.segid + 1] = g.objid
+        seg[seg > self.scene.ngeom] = 0
+        return lookup[seg]
+
+    def close(self):
+        if self.ctx is not None:
+            self.gl.make_current()
+            self.ctx.free()
+            self.gl.free()
+            self.ctx = None
+
+
 @dataclass
 class EnvConfig:
     image_size: int = 96           # square images; the model's input size
@@ -448,6 +508,7 @@ class SO100Env:
         else:
             look = dict(table_rgb=(0.62, 0.52, 0.40), camera_jitter=np.zeros(3), light=0.7, ambient=0.35,
                         light_dir=(0.2, 0.3, -1.0))
+        look["image_size"] = self.cfg.image_size  # the offscreen buffer must be at least this big
         self.look = look
         self.model = mujoco.MjModel.from_xml_string(build_mjcf(self.scene, look))
         self.data = mujoco.MjData(self.model)
@@ -464,20 +525,8 @@ class SO100Env:
         return obs, self._info(obs_success=False)
 
     def _new_renderer(self):
-        if not self.cfg.render:
-            return
-        if self.renderer is not None:
-            self.renderer.close()
-        try:
-            self.renderer = mujoco.Renderer(self.model, self.cfg.image_size, self.cfg.image_size)
-        except Exception as e:  # no OpenGL backend could start
-            raise RenderError(
-                f"MuJoCo could not start an OpenGL context (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): {e}\n"
-                "On a headless Linux machine install EGL (Debian/Ubuntu: apt install libegl1 libgl1) or OSMesa "
-                "(apt install libosmesa6, then MUJOCO_GL=osmesa); on a desktop set MUJOCO_GL=glfw. "
-                "Or construct the environment with render=False.") from e
-        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0   # shadows off: ~1 ms per frame
-        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        if self.cfg.render and self.renderer is None:
+            self.renderer = Camera(self.model, self.cfg.image_size, self.cfg.image_size)
 
     # -- stepping ----------------------------------------------------------------------------------------
     def step(self, action):
@@ -525,15 +574,10 @@ class SO100Env:
         return {"image": image, "state": self.data.qpos[:6].astype(np.float32).copy()}
 
     def render(self, segmentation: bool = False) -> np.ndarray:
+        """The front camera's image (H, W, 3) uint8, or with segmentation=True the geom id per pixel (H, W)."""
         if self.renderer is None:
-            self._new_renderer()
-        if segmentation:
-            self.renderer.enable_segmentation_rendering()
-        self.renderer.update_scene(self.data, camera="front")
-        out = self.renderer.render()
-        if segmentation:
-            self.renderer.disable_segmentation_rendering()
-        return out.copy()
+            self.renderer = Camera(self.model, self.cfg.image_size, self.cfg.image_size)
+        return self.renderer.render(self.model, self.data, "front", segmentation)
 
     def name_of(self, item: dict) -> str:
         return f"{item['colour']} {item['shape']}"

@@ -50,7 +50,7 @@ def test_projected_boxes_contain_the_objects_pixels():
     checked = 0
     for seed in range(4):
         env.reset(seed=seed)
-        seg = env.render(segmentation=True)[..., 0]  # (H, W) geom id per pixel, -1 for background
+        seg = env.render(segmentation=True)  # (H, W) geom id per pixel, -1 for background
         for i, ob in enumerate(env.scene["objects"]):
             body = env.model.body(f"obj{i}").id
             geoms = [g for g in range(env.model.ngeom) if env.model.geom_bodyid[g] == body]

@@ -1,0 +1,723 @@
+"""data.py -- everything between the simulator and the model: tokenizer, text formats, datasets, normalisation.
+
+    python data.py                      # build the tokenizer if needed, show a few grounding Q/A pairs
+    python data.py --grounding 200      # write 200 grounding scenes to out/data/grounding_train (resumable)
+    python data.py --demos 20           # write 20 expert demonstrations to out/data/demos_train (resumable)
+
+The pieces, in the order the pipeline uses them:
+
+1. **Tokenizer.** A byte-level BPE of a few hundred tokens trained on this project's own text (instructions,
+   questions, answers with coordinates), kept in `tokenizer.bpe` beside this file and loaded with tiktoken. Nothing downloads. Special tokens: <|endoftext|> ends an answer, <|pad|> pads a batch,
+   <|answer|> separates a question from its answer.
+2. **Text formats** of the paper's spatial grounding answers, in absolute pixel coordinates of the model's
+   input image (the Qwen2.5-VL convention the paper follows):
+       box    "[x1,y1,x2,y2]"          point  "(x,y)"          trace  "[(x,y),(x,y),...]"  (5 points)
+   and parsers that turn generated text back into numbers, returning None for malformed text.
+3. **Grounding data** (stage 1): question/answer pairs about randomised sim scenes, written to disk in shards
+   of uint8 images + JSON labels, deterministic from a seed and resumable.
+4. **Demonstrations** (stage 2): expert episodes (images, states, actions, instruction, per-frame grounding
+   labels) written one file per episode; robot.py's `record` writes the same format.
+5. **Normalisation** of actions and states to [-1, 1] by the 1st/99th percentiles (as the paper does).
+6. **Preprocessing** shared by training and control (`preprocess_image`, `encode_prompt`): one path, so what
+   the policy sees on the robot is exactly what it saw in training.
+7. **Grounding metrics** (metrics.md): box Acc@IoU0.5 and mean IoU, point accuracy, trace discrete Frechet
+   distance, parse rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import tiktoken
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKENIZER_FILE = os.path.join(HERE, "tokenizer.bpe")
+EOT, PAD, ANSWER = "<|endoftext|>", "<|pad|>", "<|answer|>"
+# Pre-tokenisation: words (with their leading space), runs of digits, runs of punctuation, whitespace.
+# Digits are kept apart from letters so the BPE learns one token per coordinate value (0..127).
+PAT_STR = r""" ?[a-zA-Z]+|\d+|[^\sa-zA-Z\d]+|\s+"""
+TOKENIZER_VOCAB = 640  # byte tokens (256) + merges; 3 special tokens come on top
+
+# The paper's spatial prompt (stage 2). The planner never answers it; it only steers the hidden states.
+SPATIAL_PROMPT = "Your task is to {instruction}. Figure out how to execute it, then locate the key object needed."
+TRACE_POINTS = 5  # points in a trace answer: start, above the object, the grasp, above the container, release
+
+# ----------------------------------------------------------------------------------------------------------
+# Questions (several phrasings per kind; {name} is e.g. "red block")
+
+BOX_QUESTIONS = ("where is the {name}?", "give the box of the {name}.", "locate the {name}.", "find the {name}.")
+POINT_QUESTIONS = ("point to the {name}.", "where is the center of the {name}?")
+PLACE_QUESTIONS = ("{instruction}. point to where it should go.", "to {instruction}, where should it be placed?")
+TRACE_QUESTIONS = ("show the path the gripper takes to {instruction}.", "{instruction}. draw the gripper path.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Tokenizer
+
+
+def tokenizer_corpus() -> str:
+    """The text the BPE is trained on: training-split phrasings, questions, prompts and coordinate answers."""
+    import sim  # only needed to build the tokenizer, never to use it
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(1500):
+        sc = sim.sample_scene(rng, "train")
+        ins = sc["instruction"]
+        ob = sc["objects"][sc["target_object"]]
+        name = f"{ob['colour']} {sim.SYNONYMS[ob['shape']][int(rng.integers(len(sim.SYNONYMS[ob['shape']])))]}"
+        xs = rng.integers(0, 128, size=10)
+        lines.append(BOX_QUESTIONS[int(rng.integers(4))].format(name=name) + " " + format_box(xs[:4]))
+        lines.append(POINT_QUESTIONS[int(rng.integers(2))].format(name=name) + " " + format_point(xs[4:6]))
+        lines.append(PLACE_QUESTIONS[int(rng.integers(2))].format(instruction=ins))
+        lines.append(TRACE_QUESTIONS[int(rng.integers(2))].format(instruction=ins) + " "
+                     + format_trace(rng.integers(0, 128, size=(TRACE_POINTS, 2))))
+        lines.append(SPATIAL_PROMPT.format(instruction=ins))
+    # every coordinate value many times, so that each number 0..127 becomes a single token: answers get short
+    # and the model picks a coordinate with one choice instead of spelling it digit by digit
+    lines += [",".join(str(v) for v in rng.permutation(128)) for _ in range(150)]
+    return "\n".join(lines)
+
+
+def bpe_train(text: str, vocab_size: int) -> dict:
+    """Byte-level BPE: start from the 256 byte tokens, repeatedly merge the most frequent adjacent pair.
+
+    The same algorithm as tiktoken's small reference trainer (tiktoken._educational.bpe_train), but counting
+    each distinct pre-token once with its frequency, which makes it ~100x faster on our repetitive corpus.
+    Returns {token bytes: rank}; tiktoken encodes with these ranks (lower rank = merged first).
+    """
+    counts = {}
+    for w in re.findall(PAT_STR, text):
+        counts[w] = counts.get(w, 0) + 1
+    words = {tuple(bytes([b]) for b in w.encode()): c for w, c in counts.items()}
+    ranks = {bytes([i]): i for i in range(256)}
+    while len(ranks) < vocab_size:
+        pairs = {}
+        for w, c in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] = pairs.get(pair, 0) + c
+        if not pairs:  # every pre-token is a single token already
+            break
+        a, b = max(pairs, key=lambda p: (pairs[p], p))  # ties broken by the bytes: deterministic
+        ranks[a + b] = len(ranks)
+        merged = {}
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + c
+        words = merged
+    return ranks
+
+
+def train_tokenizer(path: str = TOKENIZER_FILE, vocab_size: int = TOKENIZER_VOCAB) -> None:
+    """Train the byte-level BPE on the project's own text and write its ranks (tiktoken's file format)."""
+    ranks = bpe_train(tokenizer_corpus(), vocab_size)
+    with open(path, "w") as f:  # one line per token: base64(token bytes) rank
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+
+
+def load_ranks(path: str = TOKENIZER_FILE) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenizer at {path}: build it with `python data.py --build-tokenizer`")
+    ranks = {}
+    with open(path) as f:
+        for line in f:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    return ranks
+
+
+def make_tokenizer(ranks: dict) -> tiktoken.Encoding:
+    """A tiktoken Encoding from BPE ranks (from the ranks file, or from a checkpoint's copy of them)."""
+    n = len(ranks)
+    return tiktoken.Encoding(name="tiny-m1", pat_str=PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={EOT: n, PAD: n + 1, ANSWER: n + 2})
+
+
+def get_tokenizer(path: str = TOKENIZER_FILE) -> tiktoken.Encoding:
+    if not os.path.exists(path):
+        print(f"building the tokenizer ({path}), once: a few seconds")
+        train_tokenizer(path)
+    return make_tokenizer(load_ranks(path))
+
+
+def ranks_to_json(ranks: dict) -> dict:
+    """BPE ranks as JSON-safe text, so a checkpoint can carry its tokenizer."""
+    return {base64.b64encode(k).decode(): v for k, v in ranks.items()}
+
+
+def ranks_from_json(obj: dict) -> dict:
+    return {base64.b64decode(k): int(v) for k, v in obj.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Answer formats and parsers (absolute pixel coordinates of the model's input image)
+
+
+def format_box(box) -> str:
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    return f"[{x1},{y1},{x2},{y2}]"
+
+
+def format_point(p) -> str:
+    return f"({int(round(float(p[0])))},{int(round(float(p[1])))})"
+
+
+def format_trace(points) -> str:
+    return "[" + ",".join(format_point(p) for p in points) + "]"
+
+
+_NUM = r"\s*(-?\d+)\s*"
+_BOX_RE = re.compile(r"^\s*\[" + ",".join([_NUM] * 4) + r"\]\s*$")
+_POINT_RE = re.compile(r"\(" + _NUM + "," + _NUM + r"\)")
+
+
+def parse_box(text: str):
+    """'[x1,y1,x2,y2]' -> float array (4,), or None if the text is not exactly one well-formed box."""
+    m = _BOX_RE.match(text or "")
+    if not m:
+        return None
+    b = np.array([float(v) for v in m.groups()])
+    return b if b[2] >= b[0] and b[3] >= b[1] else None
+
+
+def parse_point(text: str):
+    """'(x,y)' -> float array (2,), or None."""
+    m = re.fullmatch(r"\s*\(" + _NUM + "," + _NUM + r"\)\s*", text or "")
+    return None if not m else np.array([float(v) for v in m.groups()])
+
+
+def parse_trace(text: str):
+    """'[(x,y),(x,y),...]' -> float array (N, 2) with N >= 2, or None."""
+    text = (text or "").strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    inner = text[1:-1]
+    pts = _POINT_RE.findall(inner)
+    # the whole inside must be points separated by commas, nothing else
+    if len(pts) < 2 or re.sub(r"\s", "", _POINT_RE.sub("P", inner)) != ",".join(["P"] * len(pts)):
+        return None
+    return np.array([[float(x), float(y)] for x, y in pts])
+
+
+PARSERS = {"box": parse_box, "point": parse_point, "place": parse_point, "trace": parse_trace}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Grounding data: Q/A pairs about sim scenes, written in shards
+
+
+def resample_path(points: np.ndarray, n: int) -> np.ndarray:
+    """n points evenly spaced along a polyline's length (metrics.md's trace comparison)."""
+    pts = np.asarray(points, float)
+    seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+    s = np.concatenate([[0], np.cumsum(seg)])
+    if s[-1] < 1e-9:
+        return np.repeat(pts[:1], n, axis=0)
+    t = np.linspace(0, s[-1], n)
+    return np.stack([np.interp(t, s, pts[:, 0]), np.interp(t, s, pts[:, 1])], axis=1)
+
+
+def trace_label(info: dict) -> np.ndarray:
+    """The expert's planned path as TRACE_POINTS pixels: start, above object, grasp, above container, release.
+    (sim gives start, approach, descend, lift, carry, lower; lift sits above the grasp, so it is dropped.)"""
+    t = np.asarray(info["trace"])
+    return t[[0, 1, 2, 4, 5]]
+
+
+def scene_questions(info: dict, rng: np.random.Generator, image_size: int) -> list:
+    """Every grounding question we ask about one scene, with its answer text and the label to score it by."""
+    import sim
+
+    sc = info["scene"]
+    qa = []
+    clip = lambda v: np.clip(np.asarray(v, float), 0, image_size - 1)  # noqa: E731 -- answers stay on the image
+    items = [(o, info["boxes"][f"{o['colour']} {o['shape']}"]) for o in sc["objects"] + sc["containers"]]
+    for item, box in items:
+        word = sim.SYNONYMS[item["shape"]][int(rng.integers(len(sim.SYNONYMS[item["shape"]])))]
+        name = f"{item['colour']} {word}"
+        q = BOX_QUESTIONS[int(rng.integers(len(BOX_QUESTIONS)))].format(name=name)
+        qa.append(dict(kind="box", question=q, answer=format_box(clip(box)), label=list(map(float, box))))
+    # one "point to" question about a random item, scored by landing inside its box
+    item, box = items[int(rng.integers(len(items)))]
+    word = sim.SYNONYMS[item["shape"]][0]
+    centre = [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]
+    q = POINT_QUESTIONS[int(rng.integers(len(POINT_QUESTIONS)))].format(name=f"{item['colour']} {word}")
+    qa.append(dict(kind="point", question=q, answer=format_point(clip(centre)), label=centre, region=box))
+    ins = info["instruction"]
+    q = PLACE_QUESTIONS[int(rng.integers(len(PLACE_QUESTIONS)))].format(instruction=ins)
+    qa.append(dict(kind="place", question=q, answer=format_point(clip(info["target_point"])),
+                   label=list(info["target_point"]), region=info["container_box"]))
+    trace = trace_label(info)
+    q = TRACE_QUESTIONS[int(rng.integers(len(TRACE_QUESTIONS)))].format(instruction=ins)
+    qa.append(dict(kind="trace", question=q, answer=format_trace(clip(trace)), label=trace.tolist()))
+    return qa
+
+
+def _scene_seed(seed: int, split: str, index: int) -> int:
+    # distinct streams per split and per data kind, so train and test scenes never coincide
+    return (seed * 1_000_003 + index * 7 + (0 if split == "train" else 3)) % (2 ** 63)
+
+
+def _atomic_savez(path: str, **arrays):
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)  # a shard is either complete or absent: an interrupted run resumes cleanly
+
+
+def generate_grounding(out_dir: str, n_scenes: int, split: str = "train", seed: int = 0, image_size: int = 96,
+                       shard_size: int = 250, progress: bool = True) -> str:
+    """Write n_scenes grounding scenes as shards `shard_00000.npz` (images uint8 (n,H,W,3), qa JSON).
+    Shards already on disk are kept, so an interrupted run continues where it stopped."""
+    import sim
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    meta = dict(n_scenes=n_scenes, split=split, seed=seed, image_size=image_size, shard_size=shard_size)
+    _check_meta(out_dir, meta)
+    env = sim.SO100Env(image_size=image_size, split=split)
+    n_shards = math.ceil(n_scenes / shard_size)
+    bar = tqdm(total=n_scenes, desc=f"grounding {split}", disable=not progress, unit="scene")
+    for k in range(n_shards):
+        path = os.path.join(out_dir, f"shard_{k:05d}.npz")
+        lo, hi = k * shard_size, min(n_scenes, (k + 1) * shard_size)
+        if os.path.exists(path):
+            bar.update(hi - lo)
+            continue
+        images, qa = [], []
+        for i in range(lo, hi):
+            s = _scene_seed(seed, split, i)
+            obs, info = env.reset(seed=s)
+            images.append(obs["image"])
+            for q in scene_questions(info, np.random.default_rng(s), image_size):
+                q["image"] = i - lo
+                qa.append(q)
+            bar.update(1)
+        _atomic_savez(path, images=np.stack(images), qa=np.array(json.dumps(qa)))
+    bar.close()
+    env.close()
+    return out_dir
+
+
+def _check_meta(out_dir: str, meta: dict):
+    """Refuse to mix data made with different settings in one folder (resuming must continue the same run)."""
+    path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        keys = [k for k in meta if k != "n_scenes" and k != "n_episodes"]
+        if any(old.get(k) != meta[k] for k in keys):
+            raise ValueError(f"{out_dir} holds data made with {old}, not {meta}: use another --out or delete it")
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+def load_grounding(data_dir: str, max_scenes: int | None = None):
+    """All shards of a grounding folder -> (images uint8 (N,H,W,3), list of qa dicts with a global image index)."""
+    paths = sorted(glob.glob(os.path.join(data_dir, "shard_*.npz")))
+    if not paths:
+        raise FileNotFoundError(f"no grounding shards in {data_dir}: make them with "
+                                f"`python data.py --grounding 1000 --out {data_dir}`")
+    images, qa = [], []
+    for p in paths:
+        z = np.load(p)
+        base = sum(len(im) for im in images)
+        for q in json.loads(str(z["qa"])):
+            q["image"] += base
+            qa.append(q)
+        images.append(z["images"])
+        if max_scenes and base + len(z["images"]) >= max_scenes:
+            break
+    images = np.concatenate(images)
+    if max_scenes:
+        images = images[:max_scenes]
+        qa = [q for q in qa if q["image"] < max_scenes]
+    return images, qa
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Preprocessing shared by training and control
+
+
+def preprocess_image(image: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 (H, W, 3) or (B, H, W, 3) camera image(s) -> float (3, H, W) or (B, 3, H, W) in [-1, 1]."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.shape[-1] != 3 or image.shape[-3:-1] != (image_size, image_size):
+        raise ValueError(f"expected uint8 image(s) of shape ({image_size}, {image_size}, 3), got {image.dtype} "
+                         f"{image.shape}; resize camera frames to the model's image_size first")
+    x = torch.from_numpy(np.ascontiguousarray(image)).float() / 127.5 - 1.0
+    return x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(2, 0, 1)
+
+
+def encode_question(tok: tiktoken.Encoding, question: str) -> list:
+    """A grounding question's tokens, ending with <|answer|>, after which the model writes the answer."""
+    return tok.encode(question) + [tok.encode_single_token(ANSWER)]
+
+
+def encode_prompt(tok: tiktoken.Encoding, instruction: str, spatial_prompt: bool = True) -> list:
+    """The stage-2 text the planner reads: the instruction wrapped in the spatial prompt (or bare)."""
+    text = SPATIAL_PROMPT.format(instruction=instruction) if spatial_prompt else instruction
+    return tok.encode(text) + [tok.encode_single_token(ANSWER)]
+
+
+def pad_batch(seqs: list, pad_id: int, fill=None):
+    """Right-pad token lists -> (tokens int64 (B, L), pad_mask bool (B, L) True on PADDING, as model.py expects)."""
+    L = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), L), pad_id if fill is None else fill, dtype=torch.long)
+    mask = torch.ones((len(seqs), L), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = False
+    return out, mask
+
+
+class GroundingDataset(torch.utils.data.Dataset):
+    """Items are (image index, question tokens, answer tokens); the collate builds model inputs.
+
+    tokens  = question ... <|answer|> a_1 ... a_m          (B, L) right-padded with <|pad|>
+    targets = -100     ... a_1       a_2 ... <|endoftext|>  (B, L) -100 where there is no answer to predict
+    """
+
+    def __init__(self, data_dir: str, tok: tiktoken.Encoding, max_scenes: int | None = None,
+                 images=None, qa=None):
+        if images is None:
+            images, qa = load_grounding(data_dir, max_scenes)
+        self.images, self.qa, self.tok = images, qa, tok
+        self.image_size = images.shape[1]
+        self.pad, self.eot = tok.encode_single_token(PAD), tok.encode_single_token(EOT)
+
+    def __len__(self):
+        return len(self.qa)
+
+    def __getitem__(self, i):
+        q = self.qa[i]
+        return q["image"], encode_question(self.tok, q["question"]), self.tok.encode(q["answer"]) + [self.eot]
+
+    def collate(self, batch):
+        images = preprocess_image(self.images[[b[0] for b in batch]], self.image_size)  # (B, 3, H, W)
+        seqs = [b[1] + b[2][:-1] for b in batch]
+        tgts = [[-100] * (len(b[1]) - 1) + b[2] for b in batch]
+        tokens, _ = pad_batch(seqs, self.pad)
+        targets, _ = pad_batch(tgts, self.pad, fill=-100)
+        return images, tokens, targets
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Demonstrations (stage 2); robot.py's `record` writes the same format
+
+
+def write_demo_episode(root: str, episode: dict, index: int | None = None) -> str:
+    """Save one episode as `episode_000012.npz`.
+
+    episode = {"images": uint8 (T,H,W,3), "states": float32 (T,6), "actions": float32 (T,6),
+               "instruction": str, "success": bool, "source": "sim" | "robot",
+               optional per-frame grounding labels: "target_box" (T,4), "container_box" (T,4), "target_point" (T,2),
+               "trace" (TRACE_POINTS,2)}
+    """
+    os.makedirs(root, exist_ok=True)
+    T = len(episode["actions"])
+    if episode["images"].shape[0] != T or episode["states"].shape != (T, 6) or episode["actions"].shape != (T, 6):
+        raise ValueError("an episode needs images (T,H,W,3), states (T,6) and actions (T,6) of the same length T")
+    if index is None:
+        index = len(glob.glob(os.path.join(root, "episode_*.npz")))
+    path = os.path.join(root, f"episode_{index:06d}.npz")
+    arrays = {k: np.asarray(v) for k, v in episode.items() if k not in ("instruction", "source", "success")}
+    meta = dict(instruction=episode["instruction"], source=episode.get("source", "sim"),
+                success=bool(episode.get("success", True)))
+    _atomic_savez(path, meta=np.array(json.dumps(meta)), **arrays)
+    return path
+
+
+def read_demo_episodes(root: str, successful_only: bool = True) -> list:
+    paths = sorted(glob.glob(os.path.join(root, "episode_*.npz")))
+    if not paths:
+        raise FileNotFoundError(f"no demonstrations in {root}: make them with `python data.py --demos 100 --out {root}`"
+                                " or record them with `python robot.py record`")
+    episodes = []
+    for p in paths:
+        z = np.load(p)
+        ep = {k: z[k] for k in z.files if k != "meta"}
+        ep.update(json.loads(str(z["meta"])))
+        if ep["success"] or not successful_only:
+            episodes.append(ep)
+    return episodes
+
+
+def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: int = 0, image_size: int = 96,
+                   progress: bool = True) -> str:
+    """Run the scripted expert for n_episodes seeds and keep every episode (failed ones are marked so a resumed
+    run does not redo them; training reads only successful ones). Writes norm_stats.json at the end."""
+    import sim
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    _check_meta(out_dir, dict(n_episodes=n_episodes, split=split, seed=seed, image_size=image_size))
+    env = sim.SO100Env(image_size=image_size, split=split)
+    for i in tqdm(range(n_episodes), desc=f"demos {split}", disable=not progress, unit="ep"):
+        if os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz")):
+            continue
+        obs, info = env.reset(seed=_scene_seed(seed, split, i) + 1)
+        expert = sim.ScriptedExpert(env)
+        expert.reset()
+        trace = trace_label(info)
+        rec = {k: [] for k in ("images", "states", "actions", "target_box", "container_box", "target_point")}
+        for _ in range(env.cfg.max_steps):
+            action = expert.act(obs, info)
+            rec["images"].append(obs["image"])
+            rec["states"].append(obs["state"])
+            rec["actions"].append(action)
+            rec["target_box"].append(info["target_box"])
+            rec["container_box"].append(info["container_box"])
+            rec["target_point"].append(info["target_point"])
+            obs, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+        ep = {k: np.asarray(v, np.uint8 if k == "images" else np.float32) for k, v in rec.items()}
+        ep.update(trace=trace.astype(np.float32), instruction=info["instruction"], success=bool(info["success"]),
+                  source="sim")
+        write_demo_episode(out_dir, ep, index=i)
+    env.close()
+    stats = compute_norm_stats(read_demo_episodes(out_dir))
+    with open(os.path.join(out_dir, "norm_stats.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Normalisation to [-1, 1] by percentiles
+
+
+def compute_norm_stats(episodes: list) -> dict:
+    """1st/99th percentiles of actions and states: robust to the odd outlier (paper, following the field)."""
+    acts = np.concatenate([e["actions"] for e in episodes])
+    states = np.concatenate([e["states"] for e in episodes])
+    stats = {}
+    for name, x in (("action", acts), ("state", states)):
+        lo, hi = np.percentile(x, 1, axis=0), np.percentile(x, 99, axis=0)
+        hi = np.maximum(hi, lo + 1e-3)  # a joint that never moves must not divide by zero
+        stats[name] = {"low": lo.tolist(), "high": hi.tolist()}
+    return stats
+
+
+def normalize(x, stats: dict):
+    lo, hi = np.asarray(stats["low"], np.float32), np.asarray(stats["high"], np.float32)
+    return np.clip(2 * (np.asarray(x, np.float32) - lo) / (hi - lo) - 1, -1.5, 1.5)
+
+
+def unnormalize(x, stats: dict):
+    lo, hi = np.asarray(stats["low"], np.float32), np.asarray(stats["high"], np.float32)
+    return (np.asarray(x, np.float32) + 1) / 2 * (hi - lo) + lo
+
+
+class DemoDataset(torch.utils.data.Dataset):
+    """Items are (episode, time) pairs; each gives the image and state at t and the chunk of the next
+    `chunk` actions (repeating the last action past the episode's end, i.e. "stay there").
+
+    collate -> images (B,3,H,W), tokens (B,L), pad_mask (B,L), actions (B,chunk,6) normalised,
+               state (B,6) normalised, and the frame's grounding labels for co-training.
+    """
+
+    def __init__(self, episodes: list, tok: tiktoken.Encoding, stats: dict, chunk: int = 8,
+                 spatial_prompt: bool = True):
+        self.eps, self.tok, self.stats, self.chunk = episodes, tok, stats, chunk
+        self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["actions"]))]
+        self.image_size = episodes[0]["images"].shape[1]
+        self.pad = tok.encode_single_token(PAD)
+        self.prompts = [encode_prompt(tok, ep["instruction"], spatial_prompt) for ep in episodes]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        e, t = self.index[i]
+        ep = self.eps[e]
+        T = len(ep["actions"])
+        idx = np.minimum(np.arange(t, t + self.chunk), T - 1)
+        return e, t, normalize(ep["actions"][idx], self.stats["action"]), normalize(ep["states"][t], self.stats["state"])
+
+    def collate(self, batch):
+        images = preprocess_image(np.stack([self.eps[e]["images"][t] for e, t, _, _ in batch]), self.image_size)
+        tokens, mask = pad_batch([self.prompts[e] for e, _, _, _ in batch], self.pad)
+        actions = torch.from_numpy(np.stack([b[2] for b in batch]))  # (B, chunk, 6)
+        state = torch.from_numpy(np.stack([b[3] for b in batch]))     # (B, 6)
+        return images, tokens, mask, actions, state
+
+
+def demo_grounding_qa(episodes: list, rng: np.random.Generator, n: int, image_size: int):
+    """Grounding Q/A drawn from demonstration frames (mid-task views, the arm anywhere) for co-training:
+    boxes of the task's object and container, and where the object should go. Returns (images, qa)."""
+    import sim
+
+    images, qa = [], []
+    for k in range(n):
+        e = int(rng.integers(len(episodes)))
+        ep = episodes[e]
+        if "target_box" not in ep:
+            continue
+        t = int(rng.integers(len(ep["actions"])))
+        words = ep["instruction"].split()
+        images.append(ep["images"][t])
+        kind = int(rng.integers(3))
+        if kind == 2:
+            q = PLACE_QUESTIONS[int(rng.integers(len(PLACE_QUESTIONS)))].format(instruction=ep["instruction"])
+            qa.append(dict(kind="place", question=q, answer=format_point(np.clip(ep["target_point"][t], 0, image_size - 1)),
+                           image=len(images) - 1))
+            continue
+        box = ep["target_box"][t] if kind == 0 else ep["container_box"][t]
+        name = _names_in_instruction(words, sim)[kind]
+        q = BOX_QUESTIONS[int(rng.integers(len(BOX_QUESTIONS)))].format(name=name)
+        qa.append(dict(kind="box", question=q, answer=format_box(np.clip(box, 0, image_size - 1)), image=len(images) - 1))
+    return np.stack(images), qa
+
+
+def _names_in_instruction(words, sim):
+    """The two '<colour> <noun>' phrases of an instruction, in order (object first, then container)."""
+    names = []
+    for i in range(len(words) - 1):
+        if words[i] in sim.PALETTE and any(words[i + 1] in syn for syn in sim.SYNONYMS.values()):
+            names.append(f"{words[i]} {words[i + 1]}")
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Grounding metrics (metrics.md)
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def discrete_frechet(p: np.ndarray, q: np.ndarray) -> float:
+    """C[i,j] = max(min(C[i-1,j], C[i,j-1], C[i-1,j-1]), d(p_i, q_j)); the answer is C[-1,-1]."""
+    d = np.linalg.norm(p[:, None, :] - q[None, :, :], axis=2)
+    C = np.zeros_like(d)
+    for i in range(len(p)):
+        for j in range(len(q)):
+            prev = 0.0 if i == j == 0 else min(C[i - 1, j] if i else np.inf, C[i, j - 1] if j else np.inf,
+                                              C[i - 1, j - 1] if i and j else np.inf)
+            C[i, j] = max(prev, d[i, j])
+    return float(C[-1, -1])
+
+
+def in_box(p, box, image_size: int) -> bool:
+    return bool(0 <= p[0] <= image_size and 0 <= p[1] <= image_size and box[0] - 0.5 <= p[0] <= box[2] + 0.5
+                and box[1] - 0.5 <= p[1] <= box[3] + 0.5)
+
+
+def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
+    """Score generated answer texts against their samples' labels."""
+    ious, box_ok, pt_ok, dfd, parsed = [], [], [], [], []
+    for q, text in zip(samples, answers):
+        pred = PARSERS[q["kind"]](text)
+        parsed.append(pred is not None)
+        if q["kind"] == "box":
+            iou = 0.0 if pred is None else box_iou(pred, q["label"])
+            ious.append(iou)
+            box_ok.append(iou >= 0.5)
+        elif q["kind"] in ("point", "place"):
+            pt_ok.append(pred is not None and in_box(pred, q["region"], image_size))
+        else:
+            true = resample_path(np.asarray(q["label"]), 16)
+            # an unparsable trace counts as the worst case: the image diagonal
+            dfd.append(image_size * math.sqrt(2) if pred is None else discrete_frechet(resample_path(pred, 16), true))
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return {"parse_rate": mean(parsed), "box_acc50": mean(box_ok), "box_miou": mean(ious),
+            "point_acc": mean(pt_ok), "trace_dfd": mean(dfd), "n": len(samples)}
+
+
+@torch.no_grad()
+def evaluate_grounding(planner, tok, images: np.ndarray, qa: list, device="cpu", batch_size: int = 64,
+                       max_new_tokens: int = 40) -> tuple:
+    """Generate an answer for every question (greedy) and score them. Returns (metrics, answer texts).
+
+    `planner.generate(images, tokens, max_new_tokens, eos_id)` needs equal prompt lengths in a batch, so
+    questions are grouped by length.
+    """
+    planner.eval()
+    eot = tok.encode_single_token(EOT)
+    image_size = images.shape[1]
+    answers = [None] * len(qa)
+    by_len = {}
+    for i, q in enumerate(qa):
+        by_len.setdefault(len(encode_question(tok, q["question"])), []).append(i)
+    for idxs in by_len.values():
+        for s in range(0, len(idxs), batch_size):
+            chunk = idxs[s:s + batch_size]
+            x = preprocess_image(images[[qa[i]["image"] for i in chunk]], image_size).to(device)
+            toks = torch.tensor([encode_question(tok, qa[i]["question"]) for i in chunk], device=device)
+            outs = planner.generate(x, toks, max_new_tokens, eot)
+            for i, o in zip(chunk, outs):
+                o = list(o)[:list(o).index(eot)] if eot in list(o) else list(o)
+                answers[i] = tok.decode([t for t in o if t < eot])  # special tokens (ids >= eot) are not text
+    return grounding_metrics(qa, answers, image_size), answers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: build/inspect the data
+
+
+@dataclass
+class DataArgs:
+    grounding: int = 0          # grounding scenes to write
+    demos: int = 0              # expert demonstrations to write
+    split: str = "train"        # train or test
+    seed: int = 0
+    image_size: int = 96
+    out: str = ""               # default: out/data/grounding_<split> or out/data/demos_<split>
+    build_tokenizer: bool = False  # (re)train tokenizer.bpe from the project's own text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="tiny-m1 data: tokenizer, grounding scenes, demonstrations")
+    for f in DataArgs.__dataclass_fields__.values():
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true")
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default)
+    args = DataArgs(**vars(p.parse_args(argv)))
+    if args.build_tokenizer:
+        train_tokenizer()
+    tok = get_tokenizer()
+    print(f"tokenizer: {tok.n_vocab} tokens (tokenizer.bpe)")
+    if args.grounding:
+        out = args.out or f"out/data/grounding_{args.split}"
+        generate_grounding(out, args.grounding, args.split, args.seed, args.image_size)
+        images, qa = load_grounding(out)
+        print(f"{out}: {len(images)} scenes, {len(qa)} questions")
+    if args.demos:
+        out = args.out or f"out/data/demos_{args.split}"
+        generate_demos(out, args.demos, args.split, args.seed, args.image_size)
+        eps = read_demo_episodes(out, successful_only=False)
+        print(f"{out}: {len(eps)} episodes, {sum(e['success'] for e in eps)} successful, "
+              f"{sum(len(e['actions']) for e in eps)} frames")
+    if not (args.grounding or args.demos):
+        import sim
+        env = sim.SO100Env(image_size=args.image_size, split=args.split)
+        obs, info = env.reset(seed=args.seed)
+        for q in scene_questions(info, np.random.default_rng(args.seed), args.image_size):
+            ids = encode_question(tok, q["question"]) + tok.encode(q["answer"])
+            print(f"{q['kind']:6s} {q['question']!r} -> {q['answer']}   ({len(ids)} tokens)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Tests of data.py: tokenizer, answer formats, labels, shards, normalisation, metrics."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import sim
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.get_tokenizer()
+
+
+def test_tokenizer_round_trip(tok):
+    for text in ["put the red cube in the blue bowl", "[12,3,95,40]", "[(1,2),(30,40),(95,95)]",
+                 data.SPATIAL_PROMPT.format(instruction="move the white can to the green tray"),
+                 "words it never saw: zebra 1234!"]:
+        assert tok.decode(tok.encode(text)) == text
+    # coordinates of a 96 px image are single tokens, so an answer is short
+    assert sum(len(tok.encode(str(v))) == 1 for v in range(96)) >= 90
+    assert tok.encode_single_token(data.EOT) != tok.encode_single_token(data.PAD)
+
+
+def test_formats_round_trip():
+    box, point, trace = [3, 4, 50.4, 61.6], (7.2, 94.9), [(0, 0), (10, 20), (95, 95)]
+    assert np.array_equal(data.parse_box(data.format_box(box)), [3, 4, 50, 62])
+    assert np.array_equal(data.parse_point(data.format_point(point)), [7, 95])
+    assert np.array_equal(data.parse_trace(data.format_trace(trace)), np.array(trace, float))
+    assert data.parse_box(" [1, 2, 3, 4] ") is not None  # spaces are tolerated
+
+
+@pytest.mark.parametrize("text", ["", None, "[1,2,3]", "[1,2,3,4", "[1,2,3,4,5]", "[a,2,3,4]", "[5,2,3,4]",
+                                  "box: [1,2,3,4] ok"])
+def test_malformed_box_is_refused(text):
+    assert data.parse_box(text) is None
+
+
+@pytest.mark.parametrize("text", ["", "(1,2", "1,2", "(1,2,3)", "(1,2)(3,4)"])
+def test_malformed_point_is_refused(text):
+    assert data.parse_point(text) is None
+
+
+@pytest.mark.parametrize("text", ["", "[(1,2)]", "[(1,2),(3,4)", "[(1,2),,(3,4)]", "[(1,2) x (3,4)]", "(1,2),(3,4)"])
+def test_malformed_trace_is_refused(text):
+    assert data.parse_trace(text) is None
+
+
+def test_labels_agree_with_the_scene():
+    env = sim.SO100Env(image_size=96)
+    for seed in range(3):
+        obs, info = env.reset(seed=seed)
+        qa = data.scene_questions(info, np.random.default_rng(seed), 96)
+        sc = info["scene"]
+        for i, ob in enumerate(sc["objects"]):
+            centre = sim.project(env.model, env.data, env.data.xpos[env.model.body(f"obj{i}").id][None], 96, 96)[0]
+            box = info["boxes"][f"{ob['colour']} {ob['shape']}"]
+            assert box[0] <= centre[0] <= box[2] and box[1] <= centre[1] <= box[3]
+        box_answers = [data.parse_box(q["answer"]) for q in qa if q["kind"] == "box"]
+        assert len(box_answers) == len(sc["objects"]) + len(sc["containers"])
+        place = [q for q in qa if q["kind"] == "place"][0]
+        assert data.in_box(data.parse_point(place["answer"]), info["container_box"], 96)
+        trace = data.parse_trace([q for q in qa if q["kind"] == "trace"][0]["answer"])
+        assert trace.shape == (data.TRACE_POINTS, 2)
+        # the trace's grasp point lies on the target object, its release point on the container
+        assert data.in_box(trace[2], np.add(info["target_box"], [-1.5, -1.5, 1.5, 1.5]), 96)
+        assert data.in_box(trace[4], info["container_box"], 96)
+
+
+def test_grounding_shards_are_deterministic_and_resumable(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    data.generate_grounding(a, 5, seed=1, image_size=48, shard_size=2, progress=False)
+    os.remove(os.path.join(a, "shard_00001.npz"))  # as if interrupted before the second shard landed
+    data.generate_grounding(a, 5, seed=1, image_size=48, shard_size=2, progress=False)
+    data.generate_grounding(b, 5, seed=1, image_size=48, shard_size=2, progress=False)
+    ia, qa = data.load_grounding(a)
+    ib, qb = data.load_grounding(b)
+    assert ia.shape == (5, 48, 48, 3) and np.array_equal(ia, ib) and qa == qb
+    with pytest.raises(ValueError, match="made with"):
+        data.generate_grounding(a, 5, seed=2, image_size=48, shard_size=2, progress=False)
+
+
+def test_collate_aligns_targets_with_answers(tok, tmp_path):
+    images = np.zeros((1, 32, 32, 3), np.uint8)
+    qa = [dict(kind="box", question="where is the red cube?", answer="[1,2,3,4]", image=0, label=[1, 2, 3, 4]),
+          dict(kind="point", question="point to the blue bowl.", answer="(5,6)", image=0, label=[5, 6])]
+    ds = data.GroundingDataset(None, tok, images=images, qa=qa)
+    x, tokens, targets = ds.collate([ds[0], ds[1]])
+    assert x.shape == (2, 3, 32, 32) and tokens.shape == targets.shape
+    for i, q in enumerate(qa):
+        n_q = len(data.encode_question(tok, q["question"]))
+        ans = tok.encode(q["answer"])
+        assert tokens[i, n_q - 1].item() == tok.encode_single_token(data.ANSWER)
+        assert targets[i, n_q - 1:n_q - 1 + len(ans)].tolist() == ans  # at <|answer|> predict the first answer token
+        assert targets[i, n_q - 1 + len(ans)].item() == tok.encode_single_token(data.EOT)
+        assert (targets[i, :n_q - 1] == -100).all()
+
+
+def test_preprocess_refuses_wrong_size():
+    with pytest.raises(ValueError, match="resize"):
+        data.preprocess_image(np.zeros((64, 64, 3), np.uint8), 96)
+    x = data.preprocess_image(np.full((96, 96, 3), 255, np.uint8), 96)
+    assert x.shape == (3, 96, 96) and torch.allclose(x, torch.ones_like(x))
+
+
+def test_normalisation_round_trip():
+    rng = np.random.default_rng(0)
+    eps = [{"actions": rng.normal(size=(50, 6)).astype(np.float32), "states": rng.normal(size=(50, 6)).astype(np.float32)}]
+    stats = data.compute_norm_stats(eps)
+    x = eps[0]["actions"][:10]
+    n = data.normalize(x, stats["action"])
+    assert np.abs(n).max() <= 1.5
+    inside = np.abs(n) < 1.5
+    assert np.allclose(data.unnormalize(n, stats["action"])[inside], x[inside], atol=1e-5)
+    assert np.allclose(np.percentile(data.normalize(eps[0]["actions"], stats["action"]), [1, 99], axis=0), [[-1] * 6, [1] * 6], atol=1e-5)
+
+
+def test_metrics_known_values():
+    assert data.box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert data.box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    p = np.array([[0, 0], [1, 0], [2, 0]], float)
+    assert data.discrete_frechet(p, p) == 0.0
+    assert data.discrete_frechet(p, p + [0, 3]) == pytest.approx(3.0)
+    assert data.discrete_frechet(p, p[::-1]) == pytest.approx(2.0)  # same points, opposite direction
+    samples = [dict(kind="box", label=[0, 0, 10, 10]), dict(kind="point", label=[5, 5], region=[0, 0, 10, 10]),
+               dict(kind="trace", label=[[0, 0], [10, 0]])]
+    m = data.grounding_metrics(samples, ["[0,0,10,10]", "(50,50)", "nonsense"], 96)
+    assert m["box_acc50"] == 1.0 and m["point_acc"] == 0.0 and m["parse_rate"] == pytest.approx(2 / 3)
+    assert m["trace_dfd"] == pytest.approx(96 * np.sqrt(2))
+
+
+def test_demo_episode_round_trip(tmp_path):
+    T = 7
+    ep = {"images": np.zeros((T, 16, 16, 3), np.uint8), "states": np.ones((T, 6), np.float32),
+          "actions": np.arange(T * 6, dtype=np.float32).reshape(T, 6), "instruction": "put the red cube in the blue bowl",
+          "success": True, "source": "robot"}
+    data.write_demo_episode(str(tmp_path), ep)
+    (back,) = data.read_demo_episodes(str(tmp_path))
+    assert back["instruction"] == ep["instruction"] and back["source"] == "robot"
+    assert np.array_equal(back["actions"], ep["actions"])
+    with pytest.raises(ValueError):
+        data.write_demo_episode(str(tmp_path), dict(ep, actions=np.zeros((T + 1, 6), np.float32)))

@@ -1,0 +1,311 @@
+"""Tests for model.py: the maths of the diffusion schedule, the gradient decay, KV-cache decoding, shapes and
+gradients of every module, that a few steps learn, and that checkpoints round-trip. Tiny configs: < 30 s on
+a 2-core CPU.  Run: python -m pytest tests/test_model.py -q"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import (  # noqa: E402
+    VLA,
+    ActionExpert,
+    ActionExpertConfig,
+    NoiseSchedule,
+    Planner,
+    PlannerConfig,
+    count_params,
+    load_checkpoint,
+    save_checkpoint,
+    scale_grad,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and when another process keeps the CPU busy, two
+    OpenMP threads waiting on each other make these tests ~10x slower. Restored after this file."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_planner_config(**kw):
+    c = dict(image_size=24, patch_size=8, vocab_size=40, d_model=32, vit_layers=1, lm_layers=2, n_heads=2,
+             max_text_len=16)
+    c.update(kw)
+    return PlannerConfig(**c)
+
+
+def tiny_action_config(**kw):
+    c = dict(chunk_len=4, action_dim=6, d_model=32, n_layers=2, n_heads=2, n_queries=4)
+    c.update(kw)
+    return ActionExpertConfig(**c)
+
+
+def tiny_batch(B=3, L=10, pcfg=None, seed=0):
+    pcfg = pcfg or tiny_planner_config()
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, pcfg.image_size, pcfg.image_size, generator=g)
+    tokens = torch.randint(1, pcfg.vocab_size, (B, L), generator=g)
+    pad_mask = torch.zeros(B, L, dtype=torch.bool)
+    pad_mask[1, L - 3:] = True  # row 1 is 3 tokens shorter, right-padded with token 0
+    tokens[pad_mask] = 0
+    targets = tokens.roll(-1, dims=1)  # shifted: position i predicts token i+1
+    targets[:, : L // 2] = -100  # the first half is "prompt", the rest "answer"
+    targets[:, -1] = -100
+    targets[pad_mask.roll(-1, dims=1) | pad_mask] = -100
+    actions = torch.rand(B, 4, 6, generator=g) * 2 - 1
+    state = torch.rand(B, 6, generator=g) * 2 - 1
+    return images, tokens, pad_mask, targets, actions, state
+
+
+# ----------------------------------------------------------------------------- diffusion maths
+
+
+def test_schedule_reaches_near_pure_noise():
+    s = NoiseSchedule(100)
+    acp = s.alphas_cumprod
+    assert acp.shape == (100,)
+    assert acp[0] > 0.999  # the first step barely adds noise
+    assert acp[-1] < 1e-3  # the last step is (almost) pure noise: x_T ~ N(0, I)
+    assert torch.all(acp[1:] < acp[:-1])  # monotone
+    assert s.betas.max() <= 0.999 + 1e-12  # squaredcos_cap_v2 clips beta at 0.999
+    assert s.ddim_timesteps(10) == [99, 89, 79, 69, 59, 49, 39, 29, 19, 9]  # DDIM starts from the noisiest step
+
+
+@pytest.mark.parametrize("steps", [1, 10, 100])
+def test_ddim_with_true_noise_recovers_clean_chunk(steps):
+    s = NoiseSchedule(100)
+    g = torch.Generator().manual_seed(1)
+    x0 = (torch.rand(5, 8, 6, generator=g, dtype=torch.float64) * 2 - 1) * 0.95
+    noise = torch.randn(5, 8, 6, generator=g, dtype=torch.float64)
+    x_T = s.q_sample(x0, torch.full((5,), 99), noise)
+    out = s.ddim_sample(lambda x, t: noise, x0.shape, steps=steps, x_T=x_T)  # a perfect noise predictor
+    assert (out - x0).abs().max().item() < 1e-4
+
+
+def test_ddim_is_deterministic_given_a_seeded_generator():
+    s = NoiseSchedule(100)
+    fn = lambda x, t: 0.5 * x + t[:, None, None].float() / 100  # noqa: E731  any fixed function
+    a = s.ddim_sample(fn, (2, 4, 6), generator=torch.Generator().manual_seed(7))
+    b = s.ddim_sample(fn, (2, 4, 6), generator=torch.Generator().manual_seed(7))
+    c = s.ddim_sample(fn, (2, 4, 6), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.dtype == torch.float32 and a.abs().max() <= 1.0  # clipped to the normalised action range
+
+
+# ----------------------------------------------------------------------------- gradient decay
+
+
+def test_scale_grad_is_identity_forward_and_scales_backward():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = scale_grad(x, 0.25)
+    assert torch.equal(y, x)
+    (y * 3).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 0.75))
+
+
+def test_gradient_decay_scales_the_planners_gradient_by_its_factor():
+    torch.manual_seed(0)
+    vla = VLA(tiny_planner_config(), tiny_action_config())
+    images, tokens, pad_mask, _, actions, _ = tiny_batch()
+
+    def grads(factor):
+        vla.zero_grad(set_to_none=True)
+        torch.manual_seed(123)  # same timesteps and noise in both runs
+        vla.action_loss(images, tokens, pad_mask, actions, grad_decay=factor).backward()
+        return {n: p.grad.clone() for n, p in vla.named_parameters() if p.grad is not None}
+
+    full, half = grads(1.0), grads(0.5)
+    n_planner = 0
+    for n, g in full.items():
+        if n.startswith("planner."):
+            n_planner += 1
+            torch.testing.assert_close(half[n], 0.5 * g, rtol=1e-6, atol=1e-12)
+        else:  # queries and expert are untouched by the decay
+            torch.testing.assert_close(half[n], g, rtol=1e-6, atol=1e-12)
+    assert n_planner > 10
+    assert any(g.abs().sum() > 0 for n, g in full.items() if n.startswith("planner.vit"))  # reaches the ViT
+
+
+# ----------------------------------------------------------------------------- planner
+
+
+def test_planner_forward_backward_shapes():
+    pcfg = tiny_planner_config()
+    planner = Planner(pcfg)
+    images, tokens, _, targets, _, _ = tiny_batch(pcfg=pcfg)
+    logits, loss, hidden = planner(images, tokens, targets)
+    P = pcfg.n_image_tokens
+    assert P == 9
+    assert logits.shape == (3, 10, pcfg.vocab_size)
+    assert hidden.shape == (3, P + 10, pcfg.d_model)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in planner.parameters())
+    _, loss_none, _ = planner(images, tokens)
+    assert loss_none is None
+
+
+def test_planner_attention_is_prefix_lm():
+    """Text is causal (later tokens cannot change earlier hidden states), image tokens never see text."""
+    pcfg = tiny_planner_config()
+    planner = Planner(pcfg).eval()
+    images, tokens, _, _, _, _ = tiny_batch(pcfg=pcfg)
+    h1 = planner(images, tokens)[2]
+    tokens2 = tokens.clone()
+    tokens2[:, 6:] = (tokens2[:, 6:] + 1) % pcfg.vocab_size
+    h2 = planner(images, tokens2)[2]
+    P = pcfg.n_image_tokens
+    torch.testing.assert_close(h1[:, : P + 6], h2[:, : P + 6])
+    assert not torch.allclose(h1[:, P + 6:], h2[:, P + 6:])
+
+
+def test_wrong_image_size_raises_a_helpful_error():
+    planner = Planner(tiny_planner_config())
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, 24, 24\)"):
+        planner(torch.randn(2, 3, 32, 32), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="image_size"):
+        planner.hidden_states(torch.randn(2, 24, 24, 3), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_generate_with_kv_cache_equals_generate_without():
+    torch.manual_seed(0)
+    pcfg = tiny_planner_config()
+    planner = Planner(pcfg)
+    # train a few steps on random data so greedy decoding is not a constant token
+    images, tokens, pad_mask, targets, _, _ = tiny_batch(B=4, pcfg=pcfg)
+    opt = torch.optim.AdamW(planner.parameters(), lr=1e-2)
+    for _ in range(10):
+        loss = planner(images, tokens, targets)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    planner.eval()
+    cached = planner.generate(images, tokens[:, :5], max_new_tokens=8, eos_id=-1)
+    plain = planner.generate(images, tokens[:, :5], max_new_tokens=8, eos_id=-1, use_cache=False)
+    assert cached == plain
+    assert all(len(seq) == 8 for seq in cached)
+    assert len({t for seq in cached for t in seq}) > 1
+    # max_text_len caps the output; eos stops a row and is not returned
+    long = planner.generate(images, tokens[:, :5], max_new_tokens=100, eos_id=-1)
+    assert all(len(seq) == pcfg.max_text_len - 5 for seq in long)
+    eos = cached[0][3]
+    stopped = planner.generate(images[:1], tokens[:1, :5], max_new_tokens=8, eos_id=eos)
+    assert stopped[0] == cached[0][: cached[0].index(eos)]
+    # prompts of different lengths (right-padded) decode as if each were alone
+    mixed = planner.generate(images, tokens, max_new_tokens=4, eos_id=-1, pad_mask=pad_mask)
+    for b in range(4):
+        n = int((~pad_mask[b]).sum())
+        alone = planner.generate(images[b: b + 1], tokens[b: b + 1, :n], max_new_tokens=4, eos_id=-1)
+        assert mixed[b] == alone[0]
+
+
+# ----------------------------------------------------------------------------- queries and action expert
+
+
+def test_queries_and_action_expert_forward_backward():
+    torch.manual_seed(0)
+    acfg = tiny_action_config(use_state=True)
+    vla = VLA(tiny_planner_config(), acfg)
+    images, tokens, pad_mask, _, actions, state = tiny_batch()
+    cond = vla.condition(images, tokens, pad_mask)
+    assert cond.shape == (3, acfg.n_queries, acfg.d_model)
+    eps = vla.expert(torch.randn(3, 4, 6), torch.tensor([0, 50, 99]), cond, state)
+    assert eps.shape == (3, 4, 6)
+    loss = vla.action_loss(images, tokens, pad_mask, actions, state, n_noise=4)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for mod in (vla.queries, vla.expert):
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mod.parameters())
+    with pytest.raises(ValueError, match="use_state"):
+        vla.expert(torch.randn(3, 4, 6), torch.tensor([0, 50, 99]), cond)
+
+
+def test_padded_text_does_not_change_the_condition():
+    torch.manual_seed(0)
+    vla = VLA(tiny_planner_config(), tiny_action_config()).eval()
+    images, tokens, pad_mask, _, _, _ = tiny_batch()
+    cond = vla.condition(images, tokens, pad_mask)
+    tokens2 = tokens.clone()
+    tokens2[pad_mask] = 7  # different pad id: the queries must not notice
+    torch.testing.assert_close(vla.condition(images, tokens2, pad_mask), cond)
+    # and a padded row conditions exactly like the same prompt without padding
+    n = int((~pad_mask[1]).sum())
+    alone = vla.condition(images[1:2], tokens[1:2, :n])
+    torch.testing.assert_close(cond[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_param_groups_cover_every_parameter_once():
+    vla = VLA(tiny_planner_config(), tiny_action_config())
+    groups = vla.param_groups(1e-5, 1e-4, 5e-5, 0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(vla.parameters()))
+    lr = {g["name"]: g["lr"] for g in groups}
+    assert lr["planner"] == 1e-5 and lr["action"] == 1e-4 and lr["other"] == 5e-5
+    assert count_params(vla) == count_params(vla.planner) + count_params(vla.queries) + count_params(vla.expert)
+
+
+def test_a_few_steps_lower_both_losses():
+    torch.manual_seed(0)
+    vla = VLA(tiny_planner_config(), tiny_action_config())
+    images, tokens, pad_mask, targets, actions, _ = tiny_batch()
+    opt = torch.optim.AdamW(vla.param_groups(3e-3, 3e-3, 3e-3, 0.0), betas=(0.9, 0.95))
+
+    def action_eval():
+        torch.manual_seed(99)  # the same noise and timesteps each time we measure
+        with torch.no_grad():
+            return vla.action_loss(images, tokens, pad_mask, actions, n_noise=16).item()
+
+    g0, a0 = vla.grounding_loss(images, tokens, targets).item(), action_eval()
+    for _ in range(40):
+        loss = vla.action_loss(images, tokens, pad_mask, actions) + vla.grounding_loss(images, tokens, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    g1, a1 = vla.grounding_loss(images, tokens, targets).item(), action_eval()
+    assert g1 < 0.5 * g0, (g0, g1)
+    assert a1 < 0.7 * a0, (a0, a1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_save_then_load_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    vla = VLA(tiny_planner_config(), tiny_action_config(use_state=True)).eval()
+    images, tokens, pad_mask, targets, _, state = tiny_batch()
+    save_checkpoint(tmp_path / "ck", vla, {"step": 5, "norm": {"mean": [0.0] * 6}})
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.safetensors"]
+    vla2, cfg = load_checkpoint(tmp_path / "ck")
+    vla2.eval()
+    assert cfg["step"] == 5 and cfg["model"]["kind"] == "vla"
+    assert torch.equal(vla.planner(images, tokens)[0], vla2.planner(images, tokens)[0])
+    a = vla.predict_actions(images, tokens, pad_mask, state, generator=torch.Generator().manual_seed(3))
+    b = vla2.predict_actions(images, tokens, pad_mask, state, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (3, 4, 6)
+
+
+def test_stage2_starts_from_a_planner_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    planner = Planner(tiny_planner_config())
+    save_checkpoint(tmp_path / "s1", planner, {"step": 100})
+    p2, _ = load_checkpoint(tmp_path / "s1")
+    assert isinstance(p2, Planner)
+    vla, cfg, fresh = VLA.from_planner_checkpoint(tmp_path / "s1", tiny_action_config())
+    assert cfg["step"] == 100
+    assert fresh and all(k.startswith(("queries.", "expert.")) for k in fresh)
+    for k, v in planner.state_dict().items():
+        assert torch.equal(vla.planner.state_dict()[k], v)
+    assert isinstance(vla.expert, ActionExpert)
+
+
+def test_missing_checkpoint_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_grounding.py"):
+        load_checkpoint(tmp_path / "nothing_here")
+    with pytest.raises(ValueError, match="model"):
+        save_checkpoint(tmp_path / "x", Planner(tiny_planner_config()), {"model": "mine"})

@@ -1,0 +1,301 @@
+"""train_grounding.py -- stage 1 of InternVLA-M1: spatial grounding pre-training of the planner.
+
+The paper's first idea: before a model learns *how* to act, it learns *where* to act. The planner (a small
+ViT + language transformer, model.py) reads a sim scene and a question and writes the answer as text in
+pixel coordinates of its input image, trained with plain next-token cross-entropy on the answer tokens:
+
+    "where is the red block?"                              -> [31,45,38,52]
+    "point to the blue bowl."                              -> (40,61)
+    "put the red block in the blue bowl. point to where it should go." -> (40,63)
+    "show the path the gripper takes to put ..."           -> [(49,33),(31,45),(33,50),(40,55),(40,60)]
+
+    python train_grounding.py --preset smoke        # < 1 minute, for tests
+    python train_grounding.py                       # the README's laptop run (preset default)
+    python train_grounding.py --preset full         # the best numbers
+    python train_grounding.py --max-steps 500 --lr 5e-4   # any setting overrides its preset
+    python train_grounding.py --resume              # continue from out/stage1/ckpt
+
+The script reads straight down: settings -> data -> model -> optimizer -> loop (log line + progress bar,
+periodic held-out evaluation, checkpoint) -> final evaluation, plots and metrics.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+from model import Planner, PlannerConfig, count_params, load_checkpoint, save_checkpoint
+
+# ----------------------------------------------------------------------------------------------------------
+# settings: a dataclass whose fields are the command-line flags; presets fill them in
+
+
+@dataclass
+class Config:
+    preset: str = "default"      # smoke | default | full
+    out: str = "out/stage1"      # checkpoints, plots and metrics go here
+    data_dir: str = "out/data"   # grounding_train/ and grounding_test/ are made here if missing
+    train_scenes: int = 3000     # scenes rendered for training (each gives ~7 questions)
+    test_scenes: int = 300       # held-out scenes of the test split (reserved tasks and phrasings)
+    eval_scenes: int = 100       # test scenes used for the periodic evaluation (the final one uses all)
+    image_size: int = 96
+    patch_size: int = 12
+    d_model: int = 192
+    vit_layers: int = 2
+    lm_layers: int = 4
+    n_heads: int = 4
+    batch_size: int = 64
+    max_steps: int = 3000
+    lr: float = 1e-3             # from scratch; the paper's 1e-5 is for fine-tuning a pre-trained VLM
+    min_lr: float = 5e-5
+    warmup: int = 150
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    log_interval: int = 50
+    eval_interval: int = 1000
+    seed: int = 0
+    device: str = "auto"         # auto picks cuda, then mps, then cpu
+    resume: bool = False         # continue from OUT/ckpt (weights, optimizer, step)
+    progress: bool = True        # tqdm progress bars
+
+
+PRESETS = {
+    "smoke": dict(train_scenes=24, test_scenes=8, eval_scenes=8, image_size=48, d_model=64, vit_layers=1,
+                  lm_layers=1, batch_size=16, max_steps=30, warmup=5, log_interval=10, eval_interval=30),
+    "default": dict(),
+    "full": dict(train_scenes=10000, test_scenes=500, eval_scenes=200, max_steps=12000, eval_interval=2000),
+}
+
+
+def parse_config(argv=None) -> Config:
+    """--preset picks the defaults; any other flag overrides one setting."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="default", choices=list(PRESETS))
+    preset = pre.parse_known_args(argv)[0].preset
+    base = Config(preset=preset, **PRESETS[preset])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=getattr(base, f.name))
+        else:
+            p.add_argument(flag, dest=f.name, type=type(getattr(base, f.name)), default=getattr(base, f.name))
+    return Config(**vars(p.parse_args(argv)))
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up, then cosine decay to min_lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def save_optimizer(path: str, opt: torch.optim.Optimizer):
+    """AdamW's moment estimates as safetensors (no pickle), so --resume continues exactly."""
+    tensors = {}
+    for i, (p, st) in enumerate(opt.state.items()):
+        for k, v in st.items():
+            tensors[f"{i}.{k}"] = v.detach().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
+    save_file(tensors, path)
+
+
+def load_optimizer(path: str, opt: torch.optim.Optimizer, params: list):
+    tensors = load_file(path)
+    for i, p in enumerate(params):
+        if f"{i}.step" not in tensors:
+            continue
+        opt.state[p] = {"step": tensors[f"{i}.step"].reshape(()).clone(),
+                        "exp_avg": tensors[f"{i}.exp_avg"].reshape(p.shape).clone(),
+                        "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].reshape(p.shape).clone()}
+
+
+def plot_curves(history: list, evals: list, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax[0].set(xlabel="step", ylabel="answer-token loss", yscale="log", title="stage 1 training loss")
+    for key, label in (("box_acc50", "box Acc@0.5"), ("point_acc", "point acc"), ("parse_rate", "parse rate")):
+        ax[1].plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=label)
+    ax2 = ax[1].twinx()
+    ax2.plot([e["step"] for e in evals], [e["trace_dfd"] for e in evals], "k--", marker="x", label="trace DFD (px)")
+    ax2.set_ylabel("trace DFD (px)")
+    ax[1].set(xlabel="step", ylim=(0, 1.02), title="held-out grounding (test split)")
+    ax[1].legend(loc="center right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def draw_predictions(images: np.ndarray, qa: list, answers: list, path: str, n_scenes: int = 8, scale: int = 3):
+    """Predicted (solid) vs true (thin white) boxes, points and traces over test images."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for scene in sorted({q["image"] for q in qa})[:n_scenes]:
+        im = Image.fromarray(images[scene]).resize((images.shape[2] * scale, images.shape[1] * scale), Image.NEAREST)
+        d = ImageDraw.Draw(im)
+        for q, a in zip(qa, answers):
+            if q["image"] != scene:
+                continue
+            s = lambda v: [float(x) * scale for x in np.ravel(v)]  # noqa: E731
+            if q["kind"] == "box":
+                d.rectangle(s(q["label"]), outline=(255, 255, 255))
+                b = data.parse_box(a)
+                if b is not None:
+                    d.rectangle(s(b), outline=(255, 0, 255), width=2)
+            elif q["kind"] == "place":
+                p = data.parse_point(a)
+                if p is not None:
+                    x, y = s(p)
+                    d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(0, 255, 255))
+            elif q["kind"] == "trace":
+                d.line(s(q["label"]), fill=(255, 255, 255), width=1)
+                t = data.parse_trace(a)
+                if t is not None:
+                    d.line(s(t), fill=(255, 255, 0), width=2)
+        tiles.append(np.asarray(im))
+    rows = [np.concatenate(tiles[i:i + 4], 1) for i in range(0, len(tiles) - len(tiles) % 4 or len(tiles), 4)]
+    Image.fromarray(np.concatenate(rows, 0) if len(rows) > 1 else rows[0]).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_dir = os.path.join(cfg.out, "ckpt")
+    print(f"stage 1 (grounding), preset {cfg.preset}, device {device}, {torch.get_num_threads()} threads")
+
+    # -- data: rendered once, resumable; test scenes come from the test split (reserved tasks, phrasings) ---
+    tok = data.get_tokenizer()
+    train_dir = os.path.join(cfg.data_dir, f"grounding_train_{cfg.image_size}")
+    test_dir = os.path.join(cfg.data_dir, f"grounding_test_{cfg.image_size}")
+    data.generate_grounding(train_dir, cfg.train_scenes, "train", cfg.seed, cfg.image_size, progress=cfg.progress)
+    data.generate_grounding(test_dir, cfg.test_scenes, "test", cfg.seed, cfg.image_size, progress=cfg.progress)
+    train_set = data.GroundingDataset(train_dir, tok, max_scenes=cfg.train_scenes)
+    test_images, test_qa = data.load_grounding(test_dir, max_scenes=cfg.test_scenes)
+    eval_qa = [q for q in test_qa if q["image"] < cfg.eval_scenes]
+    print(f"train: {len(train_set.images)} scenes, {len(train_set)} questions | test: {len(test_images)} scenes, "
+          f"{len(test_qa)} questions")
+
+    # -- model --------------------------------------------------------------------------------------------
+    mcfg = PlannerConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=tok.n_vocab,
+                         d_model=cfg.d_model, vit_layers=cfg.vit_layers, lm_layers=cfg.lm_layers, n_heads=cfg.n_heads)
+    model = Planner(mcfg).to(device)
+    print(f"planner: {count_params(model) / 1e6:.2f}M parameters, {mcfg.n_image_tokens} image tokens")
+
+    # -- optimizer: AdamW, betas (0.9, 0.95) as in the paper; no weight decay on biases/norms/positions ---
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n]
+    ids = {id(p) for p in decay}
+    no_decay = [p for p in model.parameters() if id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+    step, history, evals = 0, [], []
+    if cfg.resume:
+        if not os.path.exists(os.path.join(ckpt_dir, "config.json")):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}; run without --resume to start fresh")
+        loaded, ck = load_checkpoint(ckpt_dir)
+        model.load_state_dict(loaded.state_dict())
+        load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt, decay + no_decay)
+        step, history, evals = ck["step"], ck["history"], ck["evals"]
+        print(f"resumed from {ckpt_dir} at step {step}")
+
+    def checkpoint(metrics=None):
+        save_checkpoint(ckpt_dir, model, {
+            "stage": 1, "step": step, "train_config": asdict(cfg), "image_size": cfg.image_size,
+            "tokenizer": data.ranks_to_json(data.load_ranks()), "history": history, "evals": evals,
+            "metrics": metrics or (evals[-1] if evals else None)})
+        save_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
+
+    def evaluate(qa):
+        metrics, answers = data.evaluate_grounding(model, tok, test_images, qa, device)
+        model.train()
+        return metrics, answers
+
+    # -- training loop ------------------------------------------------------------------------------------
+    rng = np.random.default_rng(cfg.seed + step)
+    order = rng.permutation(len(train_set))
+    pos = 0
+    model.train()
+    t0, t_last = time.time(), time.time()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="stage 1", disable=not cfg.progress, unit="step")
+    while step < cfg.max_steps:
+        if pos + cfg.batch_size > len(order):  # a new epoch: reshuffle
+            order, pos = rng.permutation(len(train_set)), 0
+        batch = train_set.collate([train_set[i] for i in order[pos:pos + cfg.batch_size]])
+        pos += cfg.batch_size
+        images, tokens, targets = (x.to(device) for x in batch)
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        _, loss, _ = model(images, tokens, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            dt = (time.time() - t_last) / cfg.log_interval
+            t_last = time.time()
+            history.append({"step": step, "loss": loss.item(), "lr": lr})
+            eta = dt * (cfg.max_steps - step) / 60
+            tqdm.write(f"step {step:6d} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
+                       f"{cfg.batch_size / dt:.0f} samples/s | eta {eta:.1f} min")
+        if step % cfg.eval_interval == 0 and step < cfg.max_steps:
+            metrics, _ = evaluate(eval_qa)
+            evals.append({"step": step, **metrics})
+            tqdm.write(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "n"))
+            checkpoint()
+    bar.close()
+    train_time = time.time() - t0
+
+    # -- final evaluation on every test scene, pictures, metrics.json --------------------------------------
+    metrics, answers = evaluate(test_qa)
+    evals.append({"step": step, **metrics})
+    checkpoint(metrics)
+    result = {"metrics": metrics, "train_seconds": train_time, "step": step, "preset": cfg.preset,
+              "params": count_params(model), "device": device, "threads": torch.get_num_threads(),
+              "test_scenes": len(test_images)}
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot_curves(history, evals, os.path.join(cfg.out, "curves.png"))
+    draw_predictions(test_images, test_qa, answers, os.path.join(cfg.out, "predictions.png"))
+    print(f"test split, {len(test_images)} scenes / {metrics['n']} questions: parse rate {metrics['parse_rate']:.3f}, "
+          f"box Acc@0.5 {metrics['box_acc50']:.3f} (mIoU {metrics['box_miou']:.3f}), point acc {metrics['point_acc']:.3f}, "
+          f"trace DFD {metrics['trace_dfd']:.2f} px")
+    print(f"wrote {ckpt_dir}, {cfg.out}/metrics.json, curves.png, predictions.png ({train_time / 60:.1f} min training)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
