@@ -68,6 +68,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -323,12 +324,12 @@ class Planner(nn.Module):
             logits = self.forward(images, seq)[0][:, -1]
         for i in range(n_new):
             nxt = logits.argmax(-1)  # (B,)
-            for b in range(B):
+            for b, token in enumerate(nxt.tolist()):
                 if not done[b]:
-                    if nxt[b].item() == eos_id:
+                    if token == eos_id:
                         done[b] = True
                     else:
-                        out[b].append(nxt[b].item())
+                        out[b].append(token)
             if bool(done.all()) or i == n_new - 1:
                 break
             if use_cache:
@@ -548,6 +549,14 @@ class VLA(nn.Module):
                                         a.dropout)
         self.expert = ActionExpert(action_config)
 
+    def forward(self, images, tokens, pad_mask, actions_norm, state_norm=None, grad_decay=0.5, n_noise=4,
+                grounding=None):
+        """One co-training step's losses: (action loss, grounding loss or None). `grounding` is an optional
+        (images, tokens, targets) batch. Training goes through forward so DistributedDataParallel sees it."""
+        a_loss = self.action_loss(images, tokens, pad_mask, actions_norm, state_norm, grad_decay, n_noise)
+        g_loss = self.grounding_loss(*grounding) if grounding is not None else None
+        return a_loss, g_loss
+
     def grounding_loss(self, images, tokens, targets):
         """Stage 1 / co-training: next-token loss on the answer tokens; touches only the planner."""
         return self.planner(images, tokens, targets)[1]
@@ -607,8 +616,85 @@ class VLA(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Policy (the control-time wrapper: load checkpoint -> preprocess -> plan a chunk with DDIM -> hand out one
-# action per control step -> re-plan every few steps) goes here; the lead writes it.
+# Policy: what eval.py and robot.py drive. load checkpoint -> preprocess (data.py, the same functions as
+# training) -> plan a chunk with DDIM -> hand out one action per control step -> re-plan every few steps.
+#
+#   time  t: obs -> [a_t ... a_{t+Hc-1}] predicted; the first `replan_every` are executed
+#   time  t + replan_every: a new observation, a new chunk (the rest of the old one is dropped)
+
+
+class Policy:
+    """policy = Policy.load("out/m1/ckpt"); policy.reset(); action = policy.act(obs, instruction)
+
+    obs = {"image": uint8 (S, S, 3) with S = policy.image_size, "state": float (6,) joint radians}
+    action: float32 (6,) absolute joint targets in radians (un-normalised with the training statistics).
+    """
+
+    def __init__(self, vla, config: dict, device: str = "cpu", n_ddim: int = 10, replan_every: int = 0,
+                 seed: int = 0, threads: int = 1):
+        import data  # the tokenizer and the preprocessing shared with training
+
+        self.data = data
+        self.vla, self.config, self.device = vla.to(device).eval(), config, device
+        self.tok = data.make_tokenizer(data.ranks_from_json(config["tokenizer"]))
+        self.image_size = int(config["image_size"])
+        self.spatial_prompt = bool(config["spatial_prompt"])
+        self.use_state = bool(config["use_state"])
+        self.stats = config["norm_stats"]
+        self.chunk_len = int(config["chunk_len"])
+        self.replan_every = replan_every or max(1, self.chunk_len // 2)
+        self.n_ddim, self.seed = n_ddim, seed
+        # batch-1 inference is a string of tiny ops: one thread avoids two threads waiting on each other,
+        # which costs seconds per chunk whenever another process keeps a core busy
+        if threads:
+            torch.set_num_threads(threads)
+        self.n_plans = 0
+        self.reset()
+
+    @classmethod
+    def load(cls, ckpt_dir: str, device: str = "cpu", **kwargs) -> "Policy":
+        model, config = load_checkpoint(ckpt_dir)
+        if config["model"]["kind"] != "vla":
+            raise ValueError(f"{ckpt_dir} is a stage-1 planner checkpoint; a policy needs a stage-2 checkpoint "
+                             "from train_action.py (e.g. out/m1/ckpt)")
+        return cls(model, config, device, **kwargs)
+
+    def reset(self):
+        """Call at the start of every episode: forget queued actions, restart the sampling noise."""
+        self.queue = []
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _inputs(self, obs: dict, text_tokens: list):
+        state = np.asarray(obs["state"], dtype=np.float32)
+        if state.shape != (6,) or not np.all(np.isfinite(state)):
+            raise ValueError(f"obs['state'] must be 6 finite joint angles in radians, got {state!r}")
+        image = self.data.preprocess_image(obs["image"], self.image_size)[None].to(self.device)  # (1, 3, S, S)
+        tokens = torch.tensor([text_tokens], device=self.device)                              # (1, L)
+        return image, tokens, state
+
+    @torch.no_grad()
+    def predict_chunk(self, obs: dict, instruction: str) -> np.ndarray:
+        """A chunk of future joint targets (chunk_len, 6) in radians."""
+        image, tokens, state = self._inputs(obs, self.data.encode_prompt(self.tok, instruction, self.spatial_prompt))
+        state_norm = None
+        if self.use_state:
+            state_norm = torch.from_numpy(self.data.normalize(state, self.stats["state"]))[None].to(self.device)
+        chunk = self.vla.predict_actions(image, tokens, None, state_norm, self.n_ddim, self.generator)  # (1, Hc, 6)
+        self.n_plans += 1
+        return self.data.unnormalize(chunk[0].cpu().numpy(), self.stats["action"])
+
+    def act(self, obs: dict, instruction: str) -> np.ndarray:
+        if not self.queue:
+            self.queue = list(self.predict_chunk(obs, instruction)[: self.replan_every])
+        return self.queue.pop(0).astype(np.float32)
+
+    @torch.no_grad()
+    def ask(self, obs: dict, question: str, max_new_tokens: int = 40) -> str:
+        """The planner answers a grounding question in text (used to draw its box/point/trace on GIFs)."""
+        image, tokens, _ = self._inputs(obs, self.data.encode_question(self.tok, question))
+        eot = self.tok.encode_single_token(self.data.EOT)
+        out = self.vla.planner.generate(image, tokens, max_new_tokens, eot)[0]
+        return self.tok.decode([t for t in out if t < eot])
 
 
 # -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -188,6 +189,7 @@ def draw_predictions(images: np.ndarray, qa: list, answers: list, path: str, n_s
 
 def main(argv=None):
     cfg = parse_config(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, even when redirected to a file
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)

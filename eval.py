@@ -1,0 +1,342 @@
+"""eval.py -- closed-loop evaluation in simulation, the paper's ablation, pictures, and the one-command pipeline.
+
+    python eval.py --ckpt out/m1/ckpt                            # all suites, 50 episodes each
+    python eval.py --ckpt out/vanilla/ckpt out/m1/ckpt --episodes 200   # side by side: the ablation
+    python eval.py --pipeline                                    # data -> stage 1 -> stage 2 (m1) -> eval
+    python eval.py --pipeline --ablation                         # ... and vanilla + each component off
+    python eval.py --pipeline --preset smoke                     # the whole path in about a minute
+
+Suites (fixed seeds, never used for training data):
+    seen         training split (its tasks and phrasings), new tables
+    unseen       test split: the reserved object/colour/container combinations and phrasings
+    distractors  training split with 5 objects on the table (more clutter than training ever had)
+
+Every success rate comes with its episode count and a 95% Wilson interval. Writes OUT/results.json, a table
+on stdout, OUT/success.png (bar chart with interval bars), OUT/curves.png (training curves from the
+checkpoints' logs) and OUT/<suite>_<name>.gif (rollouts with the instruction and the planner's predicted box,
+placement point and trace drawn on the frames).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import data
+import sim
+
+SUITES = {
+    "seen": dict(split="train", seed=10_000_000),
+    "unseen": dict(split="test", seed=20_000_000),
+    "distractors": dict(split="train", seed=30_000_000, n_objects=(5, 5)),
+}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple:
+    """95% Wilson score interval for k successes in n trials (metrics.md)."""
+    if n == 0:
+        return (0.0, 1.0)
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# closed-loop rollouts
+
+
+def planner_overlay(policy, obs, info) -> dict:
+    """Ask the policy's planner where things are (box of the object, where it goes, the path)."""
+    ins = info["instruction"]
+    name = data._names_in_instruction(ins.split(), sim)
+    out = {}
+    if name:
+        out["box"] = data.parse_box(policy.ask(obs, data.BOX_QUESTIONS[0].format(name=name[0])))
+    out["point"] = data.parse_point(policy.ask(obs, data.PLACE_QUESTIONS[0].format(instruction=ins)))
+    out["trace"] = data.parse_trace(policy.ask(obs, data.TRACE_QUESTIONS[0].format(instruction=ins)))
+    return out
+
+
+def draw_frame(image: np.ndarray, caption: str, overlay: dict, scale: int = 3) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+    d = ImageDraw.Draw(im)
+    if overlay.get("trace") is not None:
+        d.line([float(v) * scale for v in overlay["trace"].ravel()], fill=(255, 255, 0), width=2)
+    if overlay.get("box") is not None:
+        d.rectangle([float(v) * scale for v in overlay["box"]], outline=(255, 0, 255), width=2)
+    if overlay.get("point") is not None:
+        x, y = (float(v) * scale for v in overlay["point"])
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], outline=(0, 255, 255), width=2)
+    canvas = Image.new("RGB", (im.width, im.height + 18), (20, 20, 20))
+    canvas.paste(im, (0, 18))
+    ImageDraw.Draw(canvas).text((4, 3), caption[:70], fill=(255, 255, 255))
+    return np.asarray(canvas)
+
+
+def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path: str | None = None,
+              gif_episodes: int = 3, progress: bool = True) -> dict:
+    """Run `episodes` seeded episodes of a suite closed-loop. Returns the suite's numbers."""
+    from tqdm import tqdm
+
+    spec = dict(SUITES[suite])
+    base_seed = spec.pop("seed") + seed_offset
+    env = sim.SO100Env(image_size=policy.image_size, **spec)
+    wins, steps_ok, chunk_ms, frames = 0, [], [], []
+    for i in tqdm(range(episodes), desc=f"{suite}", disable=not progress, unit="ep", leave=False):
+        obs, info = env.reset(seed=base_seed + i)
+        policy.reset()
+        record = gif_path is not None and i < gif_episodes
+        overlay = planner_overlay(policy, obs, info) if record else {}
+        for t in range(env.cfg.max_steps):
+            replans = policy.n_plans
+            t0 = time.perf_counter()
+            action = policy.act(obs, info["instruction"])
+            if policy.n_plans > replans:
+                chunk_ms.append(1000 * (time.perf_counter() - t0))
+                if record and t > 0:  # refresh the drawn box/point where the planner looks now
+                    overlay = {**planner_overlay(policy, obs, info), "trace": overlay.get("trace")}
+            if record:
+                frames.append(draw_frame(obs["image"], info["instruction"], overlay))
+            obs, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+        if record:
+            frames.append(draw_frame(obs["image"], ("SUCCESS: " if info["success"] else "failure: ") + info["instruction"], {}))
+            frames += frames[-1:] * 5  # hold the last frame
+        wins += info["success"]
+        if info["success"]:
+            steps_ok.append(env.steps)
+    env.close()
+    if gif_path and frames:
+        from PIL import Image
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(gif_path, save_all=True, append_images=ims[1:], duration=100, loop=0)
+    lo, hi = wilson(wins, episodes)
+    return {"success_rate": wins / episodes, "successes": wins, "episodes": episodes, "ci95": [lo, hi],
+            "mean_steps_to_success": float(np.mean(steps_ok)) if steps_ok else None,
+            "ms_per_chunk": float(np.median(chunk_ms)) if chunk_ms else None}
+
+
+def grounding_of(policy, test_dir: str, max_scenes: int = 200) -> dict:
+    """Stage-1 metrics of a checkpoint's planner on test-split scenes: did it keep (or ever have) grounding?"""
+    images, qa = data.load_grounding(test_dir, max_scenes=max_scenes)
+    metrics, _ = data.evaluate_grounding(policy.vla.planner, policy.tok, images, qa)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pictures
+
+
+def plot_success(results: dict, names: list, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = list(results["suites"])
+    fig, ax = plt.subplots(figsize=(2 + 1.8 * len(suites), 3.5))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        xs = np.arange(len(suites)) + (j - (len(names) - 1) / 2) * width
+        rates = [results["suites"][s][name]["success_rate"] * 100 for s in suites]
+        lo = [r - results["suites"][s][name]["ci95"][0] * 100 for r, s in zip(rates, suites)]
+        hi = [results["suites"][s][name]["ci95"][1] * 100 - r for r, s in zip(rates, suites)]
+        ax.bar(xs, rates, width, yerr=[lo, hi], capsize=3, label=name)
+    n = results["suites"][suites[0]][names[0]]["episodes"]
+    ax.set(xticks=range(len(suites)), xticklabels=suites, ylabel="success (%)", ylim=(0, 100),
+           title=f"closed-loop success, {n} episodes per suite, 95% Wilson intervals")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(ckpts: list, names: list, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ck, name in zip(ckpts, names):
+        with open(os.path.join(ck, "config.json")) as f:
+            c = json.load(f)
+        h = c.get("history", [])
+        if h and "action_loss" in h[0]:
+            ax[0].plot([r["step"] for r in h], [r["action_loss"] for r in h], label=name)
+            v = c.get("val_history", [])
+            ax[1].plot([r["step"] for r in v], [r["val_action_loss"] for r in v], marker="o", label=name)
+    ax[0].set(xlabel="step", ylabel="action loss (train)", yscale="log")
+    ax[1].set(xlabel="step", ylabel="action loss (held-out episodes)", yscale="log")
+    for a in ax:
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation entry point
+
+
+def evaluate(ckpts: list, names: list, suites: list, episodes: int, seed: int, out: str, grounding_dir: str,
+             progress: bool = True, gifs: int = 3) -> dict:
+    from model import Policy
+
+    os.makedirs(out, exist_ok=True)
+    results = {"machine": machine(), "episodes_per_suite": episodes, "seed": seed, "suites": {s: {} for s in suites},
+               "grounding": {}, "checkpoints": dict(zip(names, ckpts))}
+    for ck, name in zip(ckpts, names):
+        policy = Policy.load(ck)
+        for s in suites:
+            t0 = time.time()
+            r = run_suite(policy, s, episodes, seed, os.path.join(out, f"{s}_{name}.gif") if gifs else None,
+                          gifs, progress)
+            r["wall_seconds"] = time.time() - t0
+            results["suites"][s][name] = r
+            print(f"  {name:>12s} {s:>12s}: {r['successes']}/{episodes} = {100 * r['success_rate']:.1f}% "
+                  f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]", flush=True)
+        if grounding_dir and os.path.exists(grounding_dir):
+            results["grounding"][name] = grounding_of(policy, grounding_dir)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results, names)
+    plot_success(results, names, os.path.join(out, "success.png"))
+    plot_curves(ckpts, names, os.path.join(out, "curves.png"))
+    print(f"wrote {out}/results.json, success.png, curves.png and GIFs")
+    return results
+
+
+def print_table(results: dict, names: list):
+    print(f"\nclosed-loop success ({results['episodes_per_suite']} episodes per suite, 95% Wilson interval)")
+    print(f"{'suite':>12s} | " + " | ".join(f"{n:>22s}" for n in names))
+    for s, row in results["suites"].items():
+        cells = [f"{100 * row[n]['success_rate']:5.1f}% [{100 * row[n]['ci95'][0]:4.1f},{100 * row[n]['ci95'][1]:5.1f}]"
+                 for n in names]
+        print(f"{s:>12s} | " + " | ".join(f"{c:>22s}" for c in cells))
+    ms = [next((r[n]["ms_per_chunk"] for r in results["suites"].values() if r[n]["ms_per_chunk"]), None) for n in names]
+    print(f"{'ms/chunk':>12s} | " + " | ".join(f"{m:22.1f}" if m else f"{'-':>22s}" for m in ms))
+    if results["grounding"]:
+        print("planner grounding on test-split scenes (stage-1 metrics)")
+        for n, g in results["grounding"].items():
+            print(f"{n:>12s}: parse {g['parse_rate']:.3f}, box Acc@0.5 {g['box_acc50']:.3f}, "
+                  f"point {g['point_acc']:.3f}, trace DFD {g['trace_dfd']:.1f} px")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the one-command pipeline: data -> stage 1 -> stage 2 -> evaluation (each stage is its own script)
+
+ABLATION = {  # name -> extra flags for train_action.py
+    "vanilla": ["--variant", "vanilla"],
+    "m1": ["--variant", "m1"],
+    "no_stage1": ["--no-from-stage1"],
+    "no_prompt": ["--no-spatial-prompt"],
+    "no_cotrain": ["--no-cotrain"],
+    "no_decay": ["--grad-decay", "1.0"],
+}
+
+
+def run(cmd: list):
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run([sys.executable] + cmd, check=True)
+
+
+def pipeline(args):
+    t0 = time.time()
+    out = args.out
+    p = ["--preset", args.preset, "--data-dir", os.path.join(out, "data")]
+    timings = {}
+    t = time.time()
+    run(["train_grounding.py", *p, "--out", os.path.join(out, "stage1")])
+    timings["stage1 (data + training + grounding eval)"] = time.time() - t
+    variants = list(ABLATION) if args.ablation else ["m1"]
+    for v in variants:
+        t = time.time()
+        run(["train_action.py", *p, *ABLATION[v], "--stage1", os.path.join(out, "stage1", "ckpt"),
+             "--out", os.path.join(out, v)])
+        timings[f"stage2 {v}"] = time.time() - t
+    t = time.time()
+    episodes = args.episodes or {"smoke": 4, "default": 50, "full": 200}[args.preset]
+    results = evaluate([os.path.join(out, v, "ckpt") for v in variants], variants, args.suites, episodes, args.seed,
+                       os.path.join(out, "eval"), os.path.join(out, "data", f"grounding_test_{stage1_image_size(out)}"),
+                       not args.no_progress, 0 if args.preset == "smoke" else 3)
+    timings["evaluation"] = time.time() - t
+    total = time.time() - t0
+    with open(os.path.join(out, "stage1", "metrics.json")) as f:
+        s1 = json.load(f)["metrics"]
+    print("\n==== summary ====")
+    for k, v in timings.items():
+        print(f"{k:>45s}: {v / 60:6.1f} min")
+    print(f"{'total':>45s}: {total / 60:6.1f} min on {machine()['cores']} cores")
+    print(f"stage 1 grounding (test split): box Acc@0.5 {s1['box_acc50']:.3f}, point {s1['point_acc']:.3f}, "
+          f"trace DFD {s1['trace_dfd']:.1f} px, parse {s1['parse_rate']:.3f}")
+    results["timings_seconds"] = {**timings, "total": total}
+    with open(os.path.join(out, "eval", "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def stage1_image_size(out: str) -> int:
+    with open(os.path.join(out, "stage1", "ckpt", "config.json")) as f:
+        return json.load(f)["image_size"]
+
+
+@dataclass
+class EvalArgs:
+    ckpt: list = field(default_factory=list)
+    names: list = field(default_factory=list)
+    suites: list = field(default_factory=lambda: list(SUITES))
+    episodes: int = 0
+    seed: int = 0
+    out: str = ""
+    preset: str = "default"
+    pipeline: bool = False
+    ablation: bool = False
+    grounding_dir: str = "out/data/grounding_test_96"
+    gifs: int = 3
+    no_progress: bool = False
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", nargs="+", default=[], help="stage-2 checkpoint folder(s); several give a side-by-side table")
+    p.add_argument("--names", nargs="+", default=[], help="a short name per checkpoint (default: its parent folder)")
+    p.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
+    p.add_argument("--episodes", type=int, default=0, help="episodes per suite (default 50; pipeline: by preset)")
+    p.add_argument("--seed", type=int, default=0, help="offset added to every suite's fixed seeds")
+    p.add_argument("--out", default="", help="output folder (default out/eval, or out/pipeline with --pipeline)")
+    p.add_argument("--preset", default="default", choices=["smoke", "default", "full"], help="pipeline size")
+    p.add_argument("--pipeline", action="store_true", help="run data -> stage 1 -> stage 2 -> eval")
+    p.add_argument("--ablation", action="store_true", help="with --pipeline: also vanilla and each component off")
+    p.add_argument("--grounding-dir", default="out/data/grounding_test_96", help="test scenes for planner grounding")
+    p.add_argument("--gifs", type=int, default=3, help="episodes per suite drawn into a GIF (0: none)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    if args.pipeline:
+        args.out = args.out or ("out/pipeline" if args.preset == "default" else f"out/pipeline_{args.preset}")
+        return pipeline(args)
+    if not args.ckpt:
+        p.error("give --ckpt PATH [PATH ...] or --pipeline")
+    names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(c))) for c in args.ckpt]
+    return evaluate(args.ckpt, names, args.suites, args.episodes or 50, args.seed, args.out or "out/eval",
+                    args.grounding_dir, not args.no_progress, args.gifs)
+
+
+if __name__ == "__main__":
+    main()

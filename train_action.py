@@ -1,0 +1,291 @@
+"""train_action.py -- stage 2 of InternVLA-M1: spatially guided action training.
+
+The paper's second idea: the planner from stage 1, prompted to locate what matters, guides a diffusion action
+expert, while grounding keeps being trained:
+
+    image + "Your task is to {instruction}. Figure out how to execute it, then locate the key object needed."
+        -> planner hidden states --(x grad_decay on the way back)--> latent planning queries -> DiT
+        -> a chunk of `chunk_len` future joint targets (epsilon-prediction DDPM, squared-cosine schedule)
+    loss = action loss + grounding_weight * grounding loss   (co-training: one batch of each every step)
+
+    python train_action.py --preset smoke                     # < 1 minute, for tests
+    python train_action.py                                    # m1, the README's laptop run (preset default)
+    python train_action.py --variant vanilla --out out/vanilla  # the paper's "vanilla VLA" ablation
+    python train_action.py --no-cotrain --out out/no_cotrain  # any single component off (also
+                                                              # --no-spatial-prompt, --no-from-stage1,
+                                                              # --grad-decay 1.0, --use-state)
+    torchrun --nproc_per_node 4 train_action.py --preset full # several GPUs (PyTorch DDP)
+
+Variants (the paper's ablation): `m1` = stage-1 planner + spatial prompt + co-training + gradient decay;
+`vanilla` = the same networks trained on actions only, planner from scratch, bare instruction.
+Both get the same number of steps and batch sizes: the same compute for the action loss.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from model import ActionExpertConfig, PlannerConfig, VLA, count_params, load_checkpoint, save_checkpoint
+from train_grounding import load_optimizer, pick_device, save_optimizer
+
+# ----------------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass
+class Config:
+    preset: str = "default"      # smoke | default | full
+    variant: str = "m1"          # m1 | vanilla (sets the four switches below; flags after it override)
+    out: str = "out/m1"
+    data_dir: str = "out/data"   # demos_train_<size>/ is made here if missing; grounding data from stage 1
+    stage1: str = "out/stage1/ckpt"  # the stage-1 planner checkpoint
+    from_stage1: bool = True     # start the planner from stage 1 (else from scratch)
+    spatial_prompt: bool = True  # wrap the instruction in the paper's spatial prompt
+    cotrain: bool = True         # a grounding batch every step, weighted by grounding_weight
+    grad_decay: float = 0.5      # scale of the action loss's gradient into the planner
+    grounding_weight: float = 0.1
+    use_state: bool = False      # give the DiT the robot's joint state (the paper leaves it out)
+    demos: int = 400             # expert episodes to record (failed ones are dropped)
+    image_size: int = 96
+    chunk_len: int = 8           # Hc: future actions per prediction
+    d_action: int = 128          # width of queries and DiT
+    action_layers: int = 4
+    n_queries: int = 16
+    n_noise: int = 4             # diffusion noise samples per planner pass (cheap extra targets)
+    batch_size: int = 32         # robot samples per step
+    grounding_batch: int = 16    # grounding samples per step (co-training)
+    max_steps: int = 2500
+    lr_planner: float = 3e-4     # per-module learning rates, in the paper's proportions (1 : 10 : 5)
+    lr_action: float = 1e-3
+    lr_other: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_interval: int = 50
+    eval_interval: int = 500     # validation loss on held-out episodes
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    progress: bool = True
+    # planner size when it starts from scratch (from stage 1 it is read from the checkpoint)
+    d_model: int = 128
+    vit_layers: int = 2
+    lm_layers: int = 4
+
+
+PRESETS = {
+    "smoke": dict(demos=4, image_size=48, d_action=32, action_layers=1, n_queries=4, batch_size=8,
+                  grounding_batch=4, max_steps=20, warmup=2, log_interval=5, eval_interval=20, d_model=64,
+                  vit_layers=1, lm_layers=1),
+    "default": dict(),
+    "full": dict(demos=1500, max_steps=10000, eval_interval=1000),
+}
+VARIANTS = {
+    "m1": dict(from_stage1=True, spatial_prompt=True, cotrain=True, grad_decay=0.5),
+    "vanilla": dict(from_stage1=False, spatial_prompt=False, cotrain=False, grad_decay=1.0),
+}
+
+
+def parse_config(argv=None) -> Config:
+    """--preset, then --variant, fill in defaults; every other flag overrides one setting."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="default", choices=list(PRESETS))
+    pre.add_argument("--variant", default="m1", choices=list(VARIANTS))
+    known = pre.parse_known_args(argv)[0]
+    base = Config(preset=known.preset, variant=known.variant, **PRESETS[known.preset], **VARIANTS[known.variant])
+    if known.variant != "m1":
+        base.out = f"out/{known.variant}"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        if f.name in ("preset", "variant"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=getattr(base, f.name))
+        else:
+            p.add_argument(flag, dest=f.name, type=type(getattr(base, f.name)), default=getattr(base, f.name))
+    return Config(**vars(p.parse_args(argv)))
+
+
+def lr_scale(step: int, cfg: Config) -> float:
+    """Warm-up then cosine to 5% (applied to every module's own learning rate)."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, even when redirected to a file
+    # -- device, and DDP when launched by torchrun (RANK is set): one process per GPU, rank 0 logs and saves --
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, pick_device(cfg.device)
+    master = rank == 0
+    torch.manual_seed(cfg.seed + rank)
+    log = print if master else (lambda *a, **k: None)
+    ckpt_dir = os.path.join(cfg.out, "ckpt")
+    log(f"stage 2 (actions), variant {cfg.variant}, preset {cfg.preset}, device {device} x{world}, "
+        f"from_stage1={cfg.from_stage1} spatial_prompt={cfg.spatial_prompt} cotrain={cfg.cotrain} "
+        f"grad_decay={cfg.grad_decay} use_state={cfg.use_state}")
+
+    # -- data: expert demonstrations (made once, resumable) and the stage-1 grounding set for co-training ----
+    tok = data.get_tokenizer()
+    demo_dir = os.path.join(cfg.data_dir, f"demos_train_{cfg.image_size}")
+    if master:
+        data.generate_demos(demo_dir, cfg.demos, "train", cfg.seed, cfg.image_size, progress=cfg.progress)
+    if ddp:
+        dist.barrier()
+    episodes = data.read_demo_episodes(demo_dir)[: cfg.demos]
+    with open(os.path.join(demo_dir, "norm_stats.json")) as f:
+        stats = json.load(f)
+    n_val = max(1, len(episodes) // 20)  # 5% of episodes held out for a validation loss
+    train_set = data.DemoDataset(episodes[n_val:], tok, stats, cfg.chunk_len, cfg.spatial_prompt)
+    val_set = data.DemoDataset(episodes[:n_val], tok, stats, cfg.chunk_len, cfg.spatial_prompt)
+    log(f"demos: {len(episodes)} successful episodes, {len(train_set)} training frames, {len(val_set)} validation")
+    ground_set = None
+    if cfg.cotrain:
+        # co-training data: the stage-1 scenes plus mid-task frames of the demonstrations (the arm anywhere)
+        gdir = os.path.join(cfg.data_dir, f"grounding_train_{cfg.image_size}")
+        if not os.path.exists(gdir):
+            raise FileNotFoundError(f"co-training needs grounding data in {gdir}: run train_grounding.py first "
+                                    "(or pass --no-cotrain)")
+        g_images, g_qa = data.load_grounding(gdir)
+        d_images, d_qa = data.demo_grounding_qa(episodes[n_val:], np.random.default_rng(cfg.seed), len(g_qa) // 2,
+                                                cfg.image_size)
+        for q in d_qa:
+            q["image"] += len(g_images)
+        ground_set = data.GroundingDataset(None, tok, images=np.concatenate([g_images, d_images]), qa=g_qa + d_qa)
+        log(f"co-training: {len(ground_set)} grounding questions ({len(d_qa)} from demonstration frames)")
+
+    # -- model -------------------------------------------------------------------------------------------
+    acfg = ActionExpertConfig(chunk_len=cfg.chunk_len, use_state=cfg.use_state, d_model=cfg.d_action,
+                              n_layers=cfg.action_layers, n_queries=cfg.n_queries)
+    if cfg.from_stage1:
+        model, s1_config, fresh = VLA.from_planner_checkpoint(cfg.stage1, acfg)
+        log(f"planner from {cfg.stage1} (stage-1 step {s1_config.get('step')}); {len(fresh)} fresh tensors")
+    else:
+        pcfg = PlannerConfig(image_size=cfg.image_size, vocab_size=tok.n_vocab, d_model=cfg.d_model,
+                             vit_layers=cfg.vit_layers, lm_layers=cfg.lm_layers)
+        model = VLA(pcfg, acfg)
+    if model.planner_config.image_size != cfg.image_size:
+        raise ValueError(f"the stage-1 planner takes {model.planner_config.image_size} px images, not {cfg.image_size}")
+    model.to(device)
+    log(f"VLA: planner {count_params(model.planner) / 1e6:.2f}M, queries {count_params(model.queries) / 1e6:.2f}M, "
+        f"action expert {count_params(model.expert) / 1e6:.2f}M parameters")
+    groups = model.param_groups(cfg.lr_planner, cfg.lr_action, cfg.lr_other, cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    all_params = [p for g in groups for p in g["params"]]
+
+    step, history, val_history = 0, [], []
+    if cfg.resume:
+        if not os.path.exists(os.path.join(ckpt_dir, "config.json")):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}; run without --resume to start fresh")
+        loaded, ck = load_checkpoint(ckpt_dir)
+        model.load_state_dict(loaded.state_dict())
+        load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt, all_params)
+        step, history, val_history = ck["step"], ck["history"], ck["val_history"]
+        log(f"resumed from {ckpt_dir} at step {step}")
+    # under torchrun: DDP averages gradients across processes during backward (some parameters, e.g. the
+    # planner's output head without co-training, get no gradient in a step: find_unused_parameters)
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
+
+    def checkpoint():
+        if not master:
+            return
+        save_checkpoint(ckpt_dir, model, {
+            "stage": 2, "step": step, "variant": cfg.variant, "train_config": asdict(cfg),
+            "image_size": cfg.image_size, "spatial_prompt": cfg.spatial_prompt, "chunk_len": cfg.chunk_len,
+            "use_state": cfg.use_state, "norm_stats": stats, "tokenizer": data.ranks_to_json(data.load_ranks()),
+            "history": history, "val_history": val_history})
+        save_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
+
+    @torch.no_grad()
+    def validation_loss() -> float:
+        """Action loss on held-out episodes with fixed noise, so the number is comparable across steps."""
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randperm(len(val_set), generator=g)[:256].tolist()
+        losses = []
+        for s in range(0, len(idx), 64):
+            images, tokens, mask, actions, state = (x.to(device) for x in val_set.collate([val_set[i] for i in idx[s:s + 64]]))
+            torch.manual_seed(1)
+            losses.append(model.action_loss(images, tokens, mask, actions, state if cfg.use_state else None, 1.0, 1).item())
+        model.train()
+        return float(np.mean(losses))
+
+    # -- training loop --------------------------------------------------------------------------------------
+    rng = np.random.default_rng(cfg.seed + 1000 * rank + step)
+    model.train()
+    t0 = t_last = time.time()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"stage 2 {cfg.variant}", disable=not (cfg.progress and master),
+               unit="step")
+    while step < cfg.max_steps:
+        scale = lr_scale(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        batch = train_set.collate([train_set[i] for i in rng.integers(len(train_set), size=cfg.batch_size)])
+        images, tokens, mask, actions, state = (x.to(device) for x in batch)
+        grounding = None
+        if cfg.cotrain:  # co-training: a grounding batch every step, next-token loss on the answers
+            gb = ground_set.collate([ground_set[i] for i in rng.integers(len(ground_set), size=cfg.grounding_batch)])
+            grounding = tuple(x.to(device) for x in gb)
+        # the action loss's gradient reaches the planner scaled by grad_decay (model.scale_grad)
+        a_loss, g_loss = net(images, tokens, mask, actions, state if cfg.use_state else None, cfg.grad_decay,
+                             cfg.n_noise, grounding)
+        loss = a_loss if g_loss is None else a_loss + cfg.grounding_weight * g_loss
+        g_loss = torch.zeros(()) if g_loss is None else g_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP, gradients are averaged across processes here
+        torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            dt = (time.time() - t_last) / cfg.log_interval
+            t_last = time.time()
+            history.append({"step": step, "action_loss": a_loss.item(), "grounding_loss": g_loss.item()})
+            if master:
+                tqdm.write(f"step {step:6d} | action {a_loss.item():.4f} | grounding {g_loss.item():.4f} | "
+                           f"lr x{scale:.2f} | {dt * 1000:.0f} ms/step | "
+                           f"{cfg.batch_size * world / dt:.0f} samples/s | eta {dt * (cfg.max_steps - step) / 60:.1f} min")
+        if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and master:
+            v = validation_loss()
+            val_history.append({"step": step, "val_action_loss": v})
+            tqdm.write(f"validation action loss @ {step}: {v:.4f}")
+            checkpoint()
+    bar.close()
+    if master:
+        minutes = (time.time() - t0) / 60
+        with open(os.path.join(cfg.out, "train_summary.json"), "w") as f:
+            json.dump({"variant": cfg.variant, "steps": step, "train_minutes": minutes, "device": device,
+                       "world_size": world, "final_val_action_loss": val_history[-1]["val_action_loss"],
+                       "config": asdict(cfg)}, f, indent=2)
+        log(f"wrote {ckpt_dir} ({minutes:.1f} min); evaluate it with: python eval.py --ckpt {ckpt_dir}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
