@@ -157,6 +157,18 @@ def get_tokenizer(path: str = TOKENIZER_FILE) -> tiktoken.Encoding:
     return make_tokenizer(load_ranks(path))
 
 
+def number_values(tok: tiktoken.Encoding) -> tuple:
+    """For each token id, the integer it spells ("47" -> 47), or -1: the planner embeds numbers by value."""
+    out = []
+    for i in range(tok.n_vocab):
+        try:
+            b = tok.decode_single_token_bytes(i)
+        except KeyError:  # special tokens
+            b = b""
+        out.append(int(b) if b.isdigit() else -1)
+    return tuple(out)
+
+
 def ranks_to_json(ranks: dict) -> dict:
     """BPE ranks as JSON-safe text, so a checkpoint can carry its tokenizer."""
     return {base64.b64encode(k).decode(): v for k, v in ranks.items()}
@@ -388,10 +400,16 @@ def pad_batch(seqs: list, pad_id: int, fill=None):
 
 
 class GroundingDataset(torch.utils.data.Dataset):
-    """Items are (image index, question tokens, answer tokens); the collate builds model inputs.
+    """Grounding Q/A for training. Item i is image i with ALL of its questions, packed into one row:
 
-    tokens  = question ... <|answer|> a_1 ... a_m          (B, L) right-padded with <|pad|>
-    targets = -100     ... a_1       a_2 ... <|endoftext|>  (B, L) -100 where there is no answer to predict
+    tokens    = q1 ... <|answer|> a1 ... | q2 ... <|answer|> a2 ... | <|pad|> ...      (B, L)
+    targets   = -100 ...  a1_1 ... <eot> | -100 ... a2_1  ... <eot> | -100 ...         (B, L)
+    segments  = 0    ...  0          0   | 1    ...  1    ...  1    | -1   ...         (B, L)
+    positions = 0 1 2 ...                | 0 1 2 ...                | 0 ...            (B, L)
+
+    The planner's packed_mask lets each question see the image and itself only, so this trains exactly like
+    one row per question while encoding each image once. Targets are shifted: at <|answer|> the target is
+    the first answer token, at the last answer token it is <|endoftext|>.
     """
 
     def __init__(self, data_dir: str, tok: tiktoken.Encoding, max_scenes: int | None = None,
@@ -401,21 +419,35 @@ class GroundingDataset(torch.utils.data.Dataset):
         self.images, self.qa, self.tok = images, qa, tok
         self.image_size = images.shape[1]
         self.pad, self.eot = tok.encode_single_token(PAD), tok.encode_single_token(EOT)
+        self.by_image = {}
+        for q in qa:
+            self.by_image.setdefault(q["image"], []).append(q)
+        self.image_ids = sorted(self.by_image)
 
     def __len__(self):
-        return len(self.qa)
+        return len(self.image_ids)
 
     def __getitem__(self, i):
-        q = self.qa[i]
-        return q["image"], encode_question(self.tok, q["question"]), self.tok.encode(q["answer"]) + [self.eot]
+        img = self.image_ids[i]
+        return img, [(encode_question(self.tok, q["question"]), self.tok.encode(q["answer"]) + [self.eot])
+                     for q in self.by_image[img]]
 
     def collate(self, batch):
         images = preprocess_image(self.images[[b[0] for b in batch]], self.image_size)  # (B, 3, H, W)
-        seqs = [b[1] + b[2][:-1] for b in batch]
-        tgts = [[-100] * (len(b[1]) - 1) + b[2] for b in batch]
-        tokens, _ = pad_batch(seqs, self.pad)
-        targets, _ = pad_batch(tgts, self.pad, fill=-100)
-        return images, tokens, targets
+        rows = []
+        for _, pairs in batch:
+            tok, tgt, seg, pos = [], [], [], []
+            for k, (q, a) in enumerate(pairs):
+                tok += q + a[:-1]
+                tgt += [-100] * (len(q) - 1) + a
+                seg += [k] * (len(q) + len(a) - 1)
+                pos += list(range(len(q) + len(a) - 1))
+            rows.append((tok, tgt, seg, pos))
+        tokens, _ = pad_batch([r[0] for r in rows], self.pad)
+        targets, _ = pad_batch([r[1] for r in rows], self.pad, fill=-100)
+        segments, _ = pad_batch([r[2] for r in rows], self.pad, fill=-1)
+        positions, _ = pad_batch([r[3] for r in rows], self.pad, fill=0)
+        return images, tokens, targets, segments, positions
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -89,6 +89,10 @@ class PlannerConfig:
     n_heads: int = 4
     max_text_len: int = 64  # prompt + answer tokens; learned text positions exist up to this length
     dropout: float = 0.0
+    conv_stem: bool = True  # a 3-layer conv stem instead of one linear patch cut (see Planner)
+    # number_values[i] = the integer that token i spells (e.g. "47" -> 47), -1 for other tokens; data.py
+    # fills it from the tokenizer. Empty: no value embedding.
+    number_values: tuple = ()
 
     @property
     def n_image_tokens(self) -> int:
@@ -205,6 +209,31 @@ def count_params(module) -> int:
 # the planner: ViT + language transformer (System 2)
 
 
+def sincos_2d(grid: int, d: int) -> torch.Tensor:
+    """Fixed 2D position code (1, grid*grid, d): half the channels encode the row, half the column."""
+    pos = torch.arange(grid, dtype=torch.float32)
+    freqs = 1.0 / (100.0 ** (torch.arange(d // 4, dtype=torch.float32) / max(1, d // 4)))  # (d/4,)
+    ang = pos[:, None] * freqs[None]  # (grid, d/4)
+    code = torch.cat([ang.sin(), ang.cos()], dim=1)  # (grid, d/2)
+    rows = code[:, None, :].expand(grid, grid, -1)
+    cols = code[None, :, :].expand(grid, grid, -1)
+    out = torch.cat([rows, cols], dim=2).reshape(1, grid * grid, -1)  # (1, P, 2 * (d/2))
+    return F.pad(out, (0, d - out.shape[2])) * 0.5  # comparable in size to the learned embeddings
+
+
+def number_embedding(values, vocab_size: int, d: int) -> torch.Tensor:
+    """(vocab_size, d): sines/cosines of each number token's value (periods 4 .. 512 px), zero for other tokens."""
+    emb = torch.zeros(vocab_size, d)
+    if not values:
+        return emb
+    v = torch.tensor(list(values), dtype=torch.float32)  # (V,)
+    periods = 4.0 * (128.0 ** (torch.arange(d // 2, dtype=torch.float32) / max(1, d // 2 - 1)))  # (d/2,)
+    ang = 2 * math.pi * v[:, None] / periods[None]  # (V, d/2)
+    code = torch.cat([ang.sin(), ang.cos()], dim=1) / math.sqrt(d / 2)  # unit norm per token
+    emb[: len(values), : code.shape[1]] = torch.where(v[:, None] >= 0, code, torch.zeros_like(code))
+    return emb
+
+
 class Planner(nn.Module):
     def __init__(self, config: PlannerConfig):
         super().__init__()
@@ -212,14 +241,33 @@ class Planner(nn.Module):
         if c.image_size % c.patch_size != 0:
             raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
         d, P = c.d_model, c.n_image_tokens
-        # vision encoder: a strided conv is exactly "cut into patches, flatten, Linear"
-        self.patch_embed = nn.Conv2d(3, d, kernel_size=c.patch_size, stride=c.patch_size)
+        # vision encoder. The plain ViT cut: a strided conv is exactly "cut into patches, flatten, Linear".
+        # Our objects are ~6 px, half a patch, and the answers need ~1 px precision, so by default a small conv
+        # stem (3x3 convs at 1/2 and 1/4 resolution, then a patch_size/4 cut) builds local colour/edge features
+        # before the cut -- "early convolutions help transformers see better" (Xiao et al., 2021). Same token count.
+        if c.conv_stem:
+            if c.patch_size % 4:
+                raise ValueError(f"conv_stem needs patch_size divisible by 4, got {c.patch_size}")
+            self.patch_embed = nn.Sequential(
+                nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.GELU(),      # (B, 32, H/2, W/2)
+                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),     # (B, 64, H/4, W/4)
+                nn.Conv2d(64, d, c.patch_size // 4, stride=c.patch_size // 4))  # (B, d, H/ps, W/ps)
+        else:
+            self.patch_embed = nn.Conv2d(3, d, kernel_size=c.patch_size, stride=c.patch_size)
+        # positions: a fixed 2D sine/cosine map (each token knows its row and column from step 0, which is
+        # what answers in pixel coordinates need) plus a learned correction
+        g = c.image_size // c.patch_size
+        self.register_buffer("vit_pos_fixed", sincos_2d(g, d), persistent=False)  # (1, P, d)
         self.vit_pos = nn.Parameter(torch.zeros(1, P, d))
         self.vit_blocks = nn.ModuleList([Block(d, c.n_heads, c.dropout) for _ in range(c.vit_layers)])
         self.vit_ln = nn.LayerNorm(d)
         self.projector = nn.Linear(d, d)  # maps vision features into the language model's embedding space
         # language transformer
         self.tok_emb = nn.Embedding(c.vocab_size, d)
+        # number tokens also carry a fixed embedding of their value (sines/cosines of the number), so "47" starts
+        # out close to "46" and "48": with the tied output head, writing a coordinate becomes pointing at a place
+        # on a smooth number line instead of picking one of ~100 unrelated classes
+        self.register_buffer("value_emb", number_embedding(c.number_values, c.vocab_size, d), persistent=False)
         self.txt_pos = nn.Embedding(c.max_text_len, d)  # text positions restart at 0 after the image
         self.drop = nn.Dropout(c.dropout)
         self.lm_blocks = nn.ModuleList([Block(d, c.n_heads, c.dropout) for _ in range(c.lm_layers)])
@@ -247,35 +295,56 @@ class Planner(nn.Module):
     def encode_images(self, images):
         self.check_images(images)
         x = self.patch_embed(images)  # (B, d, H/ps, W/ps)
-        x = x.flatten(2).transpose(1, 2) + self.vit_pos  # (B, P, d)
+        x = x.flatten(2).transpose(1, 2) + self.vit_pos_fixed + self.vit_pos  # (B, P, d)
         for blk in self.vit_blocks:
             x = blk(x)  # full attention among patches
         return self.projector(self.vit_ln(x))  # (B, P, d) image tokens for the language model
 
-    def embed_text(self, tokens, start=0):
+    def embed_text(self, tokens, start=0, positions=None):
         L = tokens.shape[1]
-        if start + L > self.config.max_text_len:
-            raise ValueError(f"text of {start + L} tokens is longer than max_text_len={self.config.max_text_len}")
-        pos = torch.arange(start, start + L, device=tokens.device)
-        return self.tok_emb(tokens) + self.txt_pos(pos)  # (B, L, d)
+        if positions is None:
+            if start + L > self.config.max_text_len:
+                raise ValueError(f"text of {start + L} tokens is longer than max_text_len={self.config.max_text_len}")
+            pos = torch.arange(start, start + L, device=tokens.device)
+        else:  # packed rows: positions restart at 0 for every question
+            pos = positions.clamp(max=self.config.max_text_len - 1)
+        return self.tok_emb(tokens) + self.value_emb[tokens] + self.txt_pos(pos)  # (B, L, d)
 
     def head(self, h):
-        return F.linear(h, self.tok_emb.weight)  # (..., vocab_size)
+        return F.linear(h, self.tok_emb.weight + self.value_emb)  # (..., vocab_size)
 
-    def _hidden(self, images, tokens, caches=None):
+    def packed_mask(self, segments):
+        """Attention mask (B, 1, P+L, P+L) for rows that pack several questions about one image.
+
+        segments (B, L): which question each text token belongs to (0, 1, 2, ...; -1 for padding). Each text
+        token sees every image token and the earlier tokens of its own question only, so a packed row trains
+        exactly like separate rows, but the image is encoded once for all its questions (~3x less compute)."""
+        B, L = segments.shape
+        P = self.config.n_image_tokens
+        same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0)  # (B, L, L)
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=segments.device))
+        mask = torch.zeros(B, P + L, P + L, dtype=torch.bool, device=segments.device)
+        mask[:, :, :P] = True                  # everyone sees the image ...
+        mask[:, :P, P:] = False                # ... and the image never sees text
+        mask[:, P:, P:] = same & causal        # text: causal within its own question
+        return mask[:, None]
+
+    def _hidden(self, images, tokens, caches=None, segments=None, positions=None):
         img = self.encode_images(images)  # (B, P, d)
-        x = self.drop(torch.cat([img, self.embed_text(tokens)], dim=1))  # (B, P+L, d)
+        x = self.drop(torch.cat([img, self.embed_text(tokens, positions=positions)], dim=1))  # (B, P+L, d)
         T = x.shape[1]
-        mask = self.attn_mask[:T, :T]  # (P+L, P+L) prefix-LM
+        # (P+L, P+L) prefix-LM, or per-question masks for packed rows
+        mask = self.attn_mask[:T, :T] if segments is None else self.packed_mask(segments)
         for i, blk in enumerate(self.lm_blocks):
             x = blk(x, mask=mask, cache=None if caches is None else caches[i])
         return self.ln_f(x)  # (B, P+L, d)
 
     # -- public -------------------------------------------------------------
-    def forward(self, images, tokens, targets=None):
+    def forward(self, images, tokens, targets=None, segments=None, positions=None):
         """images (B,3,H,W) float, tokens (B,L) int64 right-padded, targets (B,L) int64 shifted, -100 = ignore.
+        segments/positions (B,L): only for packed rows (several questions per image, see packed_mask).
         Returns logits (B,L,V) at the text positions, the mean next-token loss (or None), hidden (B,P+L,d)."""
-        hidden = self._hidden(images, tokens)  # (B, P+L, d)
+        hidden = self._hidden(images, tokens, segments=segments, positions=positions)  # (B, P+L, d)
         logits = self.head(hidden[:, self.config.n_image_tokens :])  # (B, L, V)
         loss = None
         if targets is not None:
@@ -557,9 +626,9 @@ class VLA(nn.Module):
         g_loss = self.grounding_loss(*grounding) if grounding is not None else None
         return a_loss, g_loss
 
-    def grounding_loss(self, images, tokens, targets):
+    def grounding_loss(self, images, tokens, targets, segments=None, positions=None):
         """Stage 1 / co-training: next-token loss on the answer tokens; touches only the planner."""
-        return self.planner(images, tokens, targets)[1]
+        return self.planner(images, tokens, targets, segments, positions)[1]
 
     def condition(self, images, tokens, pad_mask=None, grad_decay=1.0):
         """Planner reads image + (spatial) prompt, never decodes; queries turn its hidden states into cond."""

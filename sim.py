@@ -683,7 +683,8 @@ def solve_ik(model, data, q_init, pos, rot, iters: int = 60, damping: float = 0.
         mujoco.mj_comPos(model, data)
         cur_p, cur_r = data.site_xpos[site], data.site_xmat[site].reshape(3, 3)
         e_pos = pos - cur_p
-        e_rot = 0.5 * sum(np.cross(cur_r[:, i], rot[:, i]) for i in range(3))  # small-angle rotation error
+        E = rot @ cur_r.T  # the rotation still to go; its skew part is the small-angle rotation error
+        e_rot = 0.5 * np.array([E[2, 1] - E[1, 2], E[0, 2] - E[2, 0], E[1, 0] - E[0, 1]])
         err = np.concatenate([e_pos, 0.1 * e_rot])  # 0.1: 1 rad of orientation ~ 10 cm of position
         if np.linalg.norm(err) < tol:
             break

@@ -63,7 +63,7 @@ class Config:
     n_queries: int = 16
     n_noise: int = 4             # diffusion noise samples per planner pass (cheap extra targets)
     batch_size: int = 32         # robot samples per step
-    grounding_batch: int = 16    # grounding samples per step (co-training)
+    grounding_batch: int = 8     # grounding images per step (co-training), each with all its questions
     max_steps: int = 2500
     lr_planner: float = 3e-4     # per-module learning rates, in the paper's proportions (1 : 10 : 5)
     lr_action: float = 1e-3
@@ -177,7 +177,7 @@ def main(argv=None):
         for q in d_qa:
             q["image"] += len(g_images)
         ground_set = data.GroundingDataset(None, tok, images=np.concatenate([g_images, d_images]), qa=g_qa + d_qa)
-        log(f"co-training: {len(ground_set)} grounding questions ({len(d_qa)} from demonstration frames)")
+        log(f"co-training: {len(ground_set.qa)} grounding questions on {len(ground_set)} images ({len(d_qa)} from demonstration frames)")
 
     # -- model -------------------------------------------------------------------------------------------
     acfg = ActionExpertConfig(chunk_len=cfg.chunk_len, use_state=cfg.use_state, d_model=cfg.d_action,
@@ -186,7 +186,7 @@ def main(argv=None):
         model, s1_config, fresh = VLA.from_planner_checkpoint(cfg.stage1, acfg)
         log(f"planner from {cfg.stage1} (stage-1 step {s1_config.get('step')}); {len(fresh)} fresh tensors")
     else:
-        pcfg = PlannerConfig(image_size=cfg.image_size, vocab_size=tok.n_vocab, d_model=cfg.d_model,
+        pcfg = PlannerConfig(image_size=cfg.image_size, vocab_size=tok.n_vocab, number_values=data.number_values(tok), d_model=cfg.d_model,
                              vit_layers=cfg.vit_layers, lm_layers=cfg.lm_layers)
         model = VLA(pcfg, acfg)
     if model.planner_config.image_size != cfg.image_size:

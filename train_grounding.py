@@ -49,11 +49,11 @@ class Config:
     eval_scenes: int = 100       # test scenes used for the periodic evaluation (the final one uses all)
     image_size: int = 96
     patch_size: int = 12
-    d_model: int = 192
+    d_model: int = 128
     vit_layers: int = 2
     lm_layers: int = 4
     n_heads: int = 4
-    batch_size: int = 64
+    batch_size: int = 16         # scenes per step; each packs all its ~7 questions into one row
     max_steps: int = 3000
     lr: float = 1e-3             # from scratch; the paper's 1e-5 is for fine-tuning a pre-trained VLM
     min_lr: float = 5e-5
@@ -70,7 +70,7 @@ class Config:
 
 PRESETS = {
     "smoke": dict(train_scenes=24, test_scenes=8, eval_scenes=8, image_size=48, d_model=64, vit_layers=1,
-                  lm_layers=1, batch_size=16, max_steps=30, warmup=5, log_interval=10, eval_interval=30),
+                  lm_layers=1, batch_size=4, max_steps=30, warmup=5, log_interval=10, eval_interval=30),
     "default": dict(),
     "full": dict(train_scenes=10000, test_scenes=500, eval_scenes=200, max_steps=12000, eval_interval=2000),
 }
@@ -205,11 +205,11 @@ def main(argv=None):
     train_set = data.GroundingDataset(train_dir, tok, max_scenes=cfg.train_scenes)
     test_images, test_qa = data.load_grounding(test_dir, max_scenes=cfg.test_scenes)
     eval_qa = [q for q in test_qa if q["image"] < cfg.eval_scenes]
-    print(f"train: {len(train_set.images)} scenes, {len(train_set)} questions | test: {len(test_images)} scenes, "
+    print(f"train: {len(train_set.images)} scenes, {len(train_set.qa)} questions | test: {len(test_images)} scenes, "
           f"{len(test_qa)} questions")
 
     # -- model --------------------------------------------------------------------------------------------
-    mcfg = PlannerConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=tok.n_vocab,
+    mcfg = PlannerConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=tok.n_vocab, number_values=data.number_values(tok),
                          d_model=cfg.d_model, vit_layers=cfg.vit_layers, lm_layers=cfg.lm_layers, n_heads=cfg.n_heads)
     model = Planner(mcfg).to(device)
     print(f"planner: {count_params(model) / 1e6:.2f}M parameters, {mcfg.n_image_tokens} image tokens")
@@ -253,13 +253,14 @@ def main(argv=None):
     while step < cfg.max_steps:
         if pos + cfg.batch_size > len(order):  # a new epoch: reshuffle
             order, pos = rng.permutation(len(train_set)), 0
-        batch = train_set.collate([train_set[i] for i in order[pos:pos + cfg.batch_size]])
+        items = [train_set[i] for i in order[pos:pos + cfg.batch_size]]
         pos += cfg.batch_size
-        images, tokens, targets = (x.to(device) for x in batch)
+        n_questions = sum(len(pairs) for _, pairs in items)
+        images, tokens, targets, segments, positions = (x.to(device) for x in train_set.collate(items))
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        _, loss, _ = model(images, tokens, targets)
+        _, loss, _ = model(images, tokens, targets, segments, positions)  # mean loss over all answer tokens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -272,7 +273,7 @@ def main(argv=None):
             history.append({"step": step, "loss": loss.item(), "lr": lr})
             eta = dt * (cfg.max_steps - step) / 60
             tqdm.write(f"step {step:6d} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
-                       f"{cfg.batch_size / dt:.0f} samples/s | eta {eta:.1f} min")
+                       f"{n_questions / dt:.0f} questions/s | eta {eta:.1f} min")
         if step % cfg.eval_interval == 0 and step < cfg.max_steps:
             metrics, _ = evaluate(eval_qa)
             evals.append({"step": step, **metrics})

@@ -82,20 +82,29 @@ def test_grounding_shards_are_deterministic_and_resumable(tmp_path):
         data.generate_grounding(a, 5, seed=2, image_size=48, shard_size=2, progress=False)
 
 
-def test_collate_aligns_targets_with_answers(tok, tmp_path):
-    images = np.zeros((1, 32, 32, 3), np.uint8)
+def test_collate_packs_questions_and_aligns_targets(tok):
+    images = np.zeros((2, 32, 32, 3), np.uint8)
     qa = [dict(kind="box", question="where is the red cube?", answer="[1,2,3,4]", image=0, label=[1, 2, 3, 4]),
-          dict(kind="point", question="point to the blue bowl.", answer="(5,6)", image=0, label=[5, 6])]
+          dict(kind="point", question="point to the blue bowl.", answer="(5,6)", image=0, label=[5, 6]),
+          dict(kind="point", question="point to the red cube.", answer="(7,8)", image=1, label=[7, 8])]
     ds = data.GroundingDataset(None, tok, images=images, qa=qa)
-    x, tokens, targets = ds.collate([ds[0], ds[1]])
-    assert x.shape == (2, 3, 32, 32) and tokens.shape == targets.shape
-    for i, q in enumerate(qa):
+    assert len(ds) == 2  # one item per image, holding all of its questions
+    x, tokens, targets, segments, positions = ds.collate([ds[0], ds[1]])
+    assert x.shape == (2, 3, 32, 32) and tokens.shape == targets.shape == segments.shape == positions.shape
+    start = 0
+    for k, q in enumerate(qa[:2]):  # row 0 packs two questions one after the other
         n_q = len(data.encode_question(tok, q["question"]))
         ans = tok.encode(q["answer"])
-        assert tokens[i, n_q - 1].item() == tok.encode_single_token(data.ANSWER)
-        assert targets[i, n_q - 1:n_q - 1 + len(ans)].tolist() == ans  # at <|answer|> predict the first answer token
-        assert targets[i, n_q - 1 + len(ans)].item() == tok.encode_single_token(data.EOT)
-        assert (targets[i, :n_q - 1] == -100).all()
+        seg_len = n_q + len(ans)
+        assert (segments[0, start:start + seg_len] == k).all()
+        assert positions[0, start:start + seg_len].tolist() == list(range(seg_len))
+        assert tokens[0, start + n_q - 1].item() == tok.encode_single_token(data.ANSWER)
+        # at <|answer|> predict the first answer token ... at the last answer token predict <|endoftext|>
+        assert targets[0, start + n_q - 1:start + n_q - 1 + len(ans)].tolist() == ans
+        assert targets[0, start + n_q - 1 + len(ans)].item() == tok.encode_single_token(data.EOT)
+        assert (targets[0, start:start + n_q - 1] == -100).all()
+        start += seg_len
+    assert (segments[1, positions.shape[1] - 1] == -1) or segments[1].max() == 0  # row 1 is padded
 
 
 def test_preprocess_refuses_wrong_size():
@@ -142,3 +151,24 @@ def test_demo_episode_round_trip(tmp_path):
     assert np.array_equal(back["actions"], ep["actions"])
     with pytest.raises(ValueError):
         data.write_demo_episode(str(tmp_path), dict(ep, actions=np.zeros((T + 1, 6), np.float32)))
+
+
+def test_packed_rows_equal_separate_rows(tok):
+    """Packing several questions into one row (packed_mask) gives exactly the logits of one row per question."""
+    from model import Planner, PlannerConfig
+
+    torch.manual_seed(0)
+    planner = Planner(PlannerConfig(image_size=24, patch_size=12, vocab_size=tok.n_vocab, d_model=32, vit_layers=1,
+                                    lm_layers=2, n_heads=2, number_values=data.number_values(tok))).eval()
+    images = np.random.default_rng(0).integers(0, 255, (1, 24, 24, 3)).astype(np.uint8)
+    qa = [dict(kind="box", question="where is the red cube?", answer="[1,2,3,4]", image=0),
+          dict(kind="point", question="point to the blue bowl.", answer="(5,6)", image=0)]
+    packed = data.GroundingDataset(None, tok, images=images, qa=qa)
+    x, tokens, targets, segments, positions = packed.collate([packed[0]])
+    logits_packed = planner(x, tokens, targets, segments, positions)[0][0]
+    start = 0
+    for q in qa:
+        seq = data.encode_question(tok, q["question"]) + tok.encode(q["answer"])
+        logits = planner(x, torch.tensor([seq]))[0][0]
+        assert torch.allclose(logits, logits_packed[start:start + len(seq)], atol=1e-5)
+        start += len(seq)
