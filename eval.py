@@ -264,7 +264,7 @@ def pipeline(args):
     t = time.time()
     run(["train_grounding.py", *p, "--out", os.path.join(out, "stage1")])
     timings["stage1 (data + training + grounding eval)"] = time.time() - t
-    variants = list(ABLATION) if args.ablation else ["m1"]
+    variants = list(ABLATION) if args.ablation else args.variants
     for v in variants:
         t = time.time()
         run(["train_action.py", *p, *ABLATION[v], "--stage1", os.path.join(out, "stage1", "ckpt"),
@@ -323,6 +323,8 @@ def main(argv=None):
     p.add_argument("--preset", default="default", choices=["smoke", "default", "full"], help="pipeline size")
     p.add_argument("--pipeline", action="store_true", help="run data -> stage 1 -> stage 2 -> eval")
     p.add_argument("--ablation", action="store_true", help="with --pipeline: also vanilla and each component off")
+    p.add_argument("--variants", nargs="+", default=["m1"], choices=list(ABLATION),
+                   help="with --pipeline: which stage-2 variants to train and compare (default m1)")
     p.add_argument("--grounding-dir", default="out/data/grounding_test_96", help="test scenes for planner grounding")
     p.add_argument("--gifs", type=int, default=3, help="episodes per suite drawn into a GIF (0: none)")
     p.add_argument("--no-progress", action="store_true")

@@ -281,6 +281,13 @@ class Planner(nn.Module):
         self.register_buffer("attn_mask", mask, persistent=False)
         init_weights(self)
         nn.init.normal_(self.vit_pos, std=0.02)
+        if c.conv_stem:
+            # GPT-2's std 0.02 would shrink the image ~10x per conv layer: three of them leave the picture
+            # ~1000x smaller than the position embeddings, and the planner learns to ignore it. Convolutions
+            # get He initialisation (the standard for conv nets), which keeps the signal's size through the stem.
+            for m in self.patch_embed:
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     # -- pieces -------------------------------------------------------------
     def check_images(self, images):

@@ -64,7 +64,7 @@ class Config:
     n_noise: int = 4             # diffusion noise samples per planner pass (cheap extra targets)
     batch_size: int = 32         # robot samples per step
     grounding_batch: int = 8     # grounding images per step (co-training), each with all its questions
-    max_steps: int = 2500
+    max_steps: int = 1500
     lr_planner: float = 3e-4     # per-module learning rates, in the paper's proportions (1 : 10 : 5)
     lr_action: float = 1e-3
     lr_other: float = 5e-4

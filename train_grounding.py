@@ -44,9 +44,9 @@ class Config:
     preset: str = "default"      # smoke | default | full
     out: str = "out/stage1"      # checkpoints, plots and metrics go here
     data_dir: str = "out/data"   # grounding_train/ and grounding_test/ are made here if missing
-    train_scenes: int = 3000     # scenes rendered for training (each gives ~7 questions)
+    train_scenes: int = 8000     # scenes rendered for training (each gives ~7 questions; ~12 ms each)
     test_scenes: int = 300       # held-out scenes of the test split (reserved tasks and phrasings)
-    eval_scenes: int = 100       # test scenes used for the periodic evaluation (the final one uses all)
+    eval_scenes: int = 60        # test scenes used for the periodic evaluation (the final one uses all)
     image_size: int = 96
     patch_size: int = 12
     d_model: int = 128
