@@ -413,10 +413,10 @@ class GroundingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_dir: str, tok: tiktoken.Encoding, max_scenes: int | None = None,
-                 images=None, qa=None):
+                 images=None, qa=None, packed: bool = False):
         if images is None:
             images, qa = load_grounding(data_dir, max_scenes)
-        self.images, self.qa, self.tok = images, qa, tok
+        self.images, self.qa, self.tok, self.packed = images, qa, tok, packed
         self.image_size = images.shape[1]
         self.pad, self.eot = tok.encode_single_token(PAD), tok.encode_single_token(EOT)
         self.by_image = {}
@@ -425,14 +425,21 @@ class GroundingDataset(torch.utils.data.Dataset):
         self.image_ids = sorted(self.by_image)
 
     def __len__(self):
-        return len(self.image_ids)
+        return len(self.image_ids) if self.packed else len(self.qa)
 
     def __getitem__(self, i):
-        img = self.image_ids[i]
-        return img, [(encode_question(self.tok, q["question"]), self.tok.encode(q["answer"]) + [self.eot])
-                     for q in self.by_image[img]]
+        qs = self.by_image[self.image_ids[i]] if self.packed else [self.qa[i]]
+        return qs[0]["image"], [(encode_question(self.tok, q["question"]), self.tok.encode(q["answer"]) + [self.eot])
+                                for q in qs]
 
     def collate(self, batch):
+        """-> images, tokens, targets, segments, positions (packed) or images, tokens, targets, prefix_len."""
+        if not self.packed:  # one question per row; the question is the planner's bidirectional prefix
+            images = preprocess_image(self.images[[b[0] for b in batch]], self.image_size)
+            q, a = [b[1][0][0] for b in batch], [b[1][0][1] for b in batch]
+            tokens, _ = pad_batch([qq + aa[:-1] for qq, aa in zip(q, a)], self.pad)
+            targets, _ = pad_batch([[-100] * (len(qq) - 1) + aa for qq, aa in zip(q, a)], self.pad, fill=-100)
+            return images, tokens, targets, torch.tensor([len(qq) for qq in q])
         images = preprocess_image(self.images[[b[0] for b in batch]], self.image_size)  # (B, 3, H, W)
         rows = []
         for _, pairs in batch:

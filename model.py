@@ -90,6 +90,10 @@ class PlannerConfig:
     max_text_len: int = 64  # prompt + answer tokens; learned text positions exist up to this length
     dropout: float = 0.0
     conv_stem: bool = True  # a 3-layer conv stem instead of one linear patch cut (see Planner)
+    # attention over [image; text]: False = only the image is a bidirectional prefix, all text is causal
+    # (several questions can then be packed into one training row); True = image AND question/prompt form
+    # the prefix (PaliGemma's prefix-LM: the image can read the question), the answer is causal
+    prompt_in_prefix: bool = False
     # number_values[i] = the integer that token i spells (e.g. "47" -> 47), -1 for other tokens; data.py
     # fills it from the tokenizer. Empty: no value embedding.
     number_values: tuple = ()
@@ -336,22 +340,44 @@ class Planner(nn.Module):
         mask[:, P:, P:] = same & causal        # text: causal within its own question
         return mask[:, None]
 
-    def _hidden(self, images, tokens, caches=None, segments=None, positions=None):
+    def prefix_mask(self, T, prefix_len):
+        """(B, 1, T, T) mask where the image AND the first prefix_len[b] text tokens (the question or prompt)
+        attend to each other both ways; the rest (the answer) is causal. PaliGemma's prefix-LM: image tokens
+        can read the question, so "am I the red cube?" is computed where the red cube is, and the answer only
+        has to look for the token that lit up."""
+        P = self.config.n_image_tokens
+        idx = torch.arange(T, device=prefix_len.device)
+        causal = idx[None, :] <= idx[:, None]                       # (T, T)
+        in_prefix = idx[None, :] < (P + prefix_len)[:, None]        # (B, T)
+        return (causal[None] | (in_prefix[:, :, None] & in_prefix[:, None, :]))[:, None]
+
+    def _hidden(self, images, tokens, caches=None, segments=None, positions=None, prefix_len=None):
         img = self.encode_images(images)  # (B, P, d)
         x = self.drop(torch.cat([img, self.embed_text(tokens, positions=positions)], dim=1))  # (B, P+L, d)
         T = x.shape[1]
-        # (P+L, P+L) prefix-LM, or per-question masks for packed rows
-        mask = self.attn_mask[:T, :T] if segments is None else self.packed_mask(segments)
+        # prefix-LM over [image; question] when prefix_len is given; per-question masks for packed rows;
+        # otherwise the image-only prefix (image bidirectional, all text causal)
+        if not self.config.prompt_in_prefix:
+            prefix_len = None  # this planner was trained with the image-only prefix: keep it so
+        if segments is not None:
+            if self.config.prompt_in_prefix:
+                raise ValueError("packed rows need prompt_in_prefix=False (the image must not read the questions)")
+            mask = self.packed_mask(segments)
+        elif prefix_len is not None:
+            mask = self.prefix_mask(T, prefix_len)
+        else:
+            mask = self.attn_mask[:T, :T]
         for i, blk in enumerate(self.lm_blocks):
             x = blk(x, mask=mask, cache=None if caches is None else caches[i])
         return self.ln_f(x)  # (B, P+L, d)
 
     # -- public -------------------------------------------------------------
-    def forward(self, images, tokens, targets=None, segments=None, positions=None):
+    def forward(self, images, tokens, targets=None, segments=None, positions=None, prefix_len=None):
         """images (B,3,H,W) float, tokens (B,L) int64 right-padded, targets (B,L) int64 shifted, -100 = ignore.
         segments/positions (B,L): only for packed rows (several questions per image, see packed_mask).
+        prefix_len (B,): text tokens of the bidirectional prefix (question up to <|answer|>), see prefix_mask.
         Returns logits (B,L,V) at the text positions, the mean next-token loss (or None), hidden (B,P+L,d)."""
-        hidden = self._hidden(images, tokens, segments=segments, positions=positions)  # (B, P+L, d)
+        hidden = self._hidden(images, tokens, segments=segments, positions=positions, prefix_len=prefix_len)
         logits = self.head(hidden[:, self.config.n_image_tokens :])  # (B, L, V)
         loss = None
         if targets is not None:
@@ -361,7 +387,9 @@ class Planner(nn.Module):
     def hidden_states(self, images, tokens, pad_mask=None):
         """For stage 2 and control: no decoding, just the last layer. Returns hidden (B,P+L,d) and a key padding
         mask (B,P+L) (True = pad, image positions never pads) or None when pad_mask is None."""
-        hidden = self._hidden(images, tokens)
+        n_real = tokens.shape[1] - (pad_mask.long().sum(1) if pad_mask is not None else 0)
+        prefix_len = torch.as_tensor(n_real, device=tokens.device).expand(tokens.shape[0])
+        hidden = self._hidden(images, tokens, prefix_len=prefix_len)  # the whole prompt is the prefix
         key_pad = None
         if pad_mask is not None:
             img_pad = torch.zeros(tokens.shape[0], self.config.n_image_tokens, dtype=torch.bool, device=tokens.device)
@@ -392,12 +420,14 @@ class Planner(nn.Module):
         n_new = min(max_new_tokens, self.config.max_text_len - L)  # text positions end at max_text_len
         out = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool)
+        prefix = torch.full((B,), L, device=tokens.device)  # the whole prompt is the prefix
         if use_cache:
             caches = [dict() for _ in self.lm_blocks]
-            logits = self.head(self._hidden(images, tokens, caches)[:, -1])  # (B, V), prefill
+            # prefill: image + question as one bidirectional prefix; answer tokens then attend to all of it
+            logits = self.head(self._hidden(images, tokens, caches, prefix_len=prefix)[:, -1])  # (B, V)
         else:
             seq = tokens
-            logits = self.forward(images, seq)[0][:, -1]
+            logits = self.forward(images, seq, prefix_len=prefix)[0][:, -1]
         for i in range(n_new):
             nxt = logits.argmax(-1)  # (B,)
             for b, token in enumerate(nxt.tolist()):
@@ -415,7 +445,7 @@ class Planner(nn.Module):
                 logits = self.head(self.ln_f(x[:, -1]))  # (B, V)
             else:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)  # recompute everything: the reference path
-                logits = self.forward(images, seq)[0][:, -1]
+                logits = self.forward(images, seq, prefix_len=prefix)[0][:, -1]
         return out
 
 
@@ -628,14 +658,14 @@ class VLA(nn.Module):
     def forward(self, images, tokens, pad_mask, actions_norm, state_norm=None, grad_decay=0.5, n_noise=4,
                 grounding=None):
         """One co-training step's losses: (action loss, grounding loss or None). `grounding` is an optional
-        (images, tokens, targets) batch. Training goes through forward so DistributedDataParallel sees it."""
+        (images, tokens, targets, prefix_len) batch. Training goes through forward so DistributedDataParallel sees it."""
         a_loss = self.action_loss(images, tokens, pad_mask, actions_norm, state_norm, grad_decay, n_noise)
         g_loss = self.grounding_loss(*grounding) if grounding is not None else None
         return a_loss, g_loss
 
-    def grounding_loss(self, images, tokens, targets, segments=None, positions=None):
+    def grounding_loss(self, images, tokens, targets, prefix_len=None):
         """Stage 1 / co-training: next-token loss on the answer tokens; touches only the planner."""
-        return self.planner(images, tokens, targets, segments, positions)[1]
+        return self.planner(images, tokens, targets, prefix_len=prefix_len)[1]
 
     def condition(self, images, tokens, pad_mask=None, grad_decay=1.0):
         """Planner reads image + (spatial) prompt, never decodes; queries turn its hidden states into cond."""

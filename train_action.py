@@ -63,7 +63,7 @@ class Config:
     n_queries: int = 16
     n_noise: int = 4             # diffusion noise samples per planner pass (cheap extra targets)
     batch_size: int = 32         # robot samples per step
-    grounding_batch: int = 8     # grounding images per step (co-training), each with all its questions
+    grounding_batch: int = 32    # grounding questions per step (co-training)
     max_steps: int = 1500
     lr_planner: float = 3e-4     # per-module learning rates, in the paper's proportions (1 : 10 : 5)
     lr_action: float = 1e-3
@@ -85,7 +85,7 @@ class Config:
 
 PRESETS = {
     "smoke": dict(demos=4, image_size=48, d_action=32, action_layers=1, n_queries=4, batch_size=8,
-                  grounding_batch=4, max_steps=20, warmup=2, log_interval=5, eval_interval=20, d_model=64,
+                  grounding_batch=8, max_steps=20, warmup=2, log_interval=5, eval_interval=20, d_model=64,
                   vit_layers=1, lm_layers=1),
     "default": dict(),
     "full": dict(demos=1500, max_steps=10000, eval_interval=1000),

@@ -53,7 +53,9 @@ class Config:
     vit_layers: int = 2
     lm_layers: int = 4
     n_heads: int = 4
-    batch_size: int = 16         # scenes per step; each packs all its ~7 questions into one row
+    batch_size: int = 16         # scenes per step (with --no-packed: questions per step)
+    packed: bool = True          # pack all questions of a scene in one row (~3x cheaper per question); with
+                                 # --no-packed the question joins the image in the bidirectional prefix
     max_steps: int = 3000
     lr: float = 1e-3             # from scratch; the paper's 1e-5 is for fine-tuning a pre-trained VLM
     min_lr: float = 5e-5
@@ -202,14 +204,14 @@ def main(argv=None):
     test_dir = os.path.join(cfg.data_dir, f"grounding_test_{cfg.image_size}")
     data.generate_grounding(train_dir, cfg.train_scenes, "train", cfg.seed, cfg.image_size, progress=cfg.progress)
     data.generate_grounding(test_dir, cfg.test_scenes, "test", cfg.seed, cfg.image_size, progress=cfg.progress)
-    train_set = data.GroundingDataset(train_dir, tok, max_scenes=cfg.train_scenes)
+    train_set = data.GroundingDataset(train_dir, tok, max_scenes=cfg.train_scenes, packed=cfg.packed)
     test_images, test_qa = data.load_grounding(test_dir, max_scenes=cfg.test_scenes)
     eval_qa = [q for q in test_qa if q["image"] < cfg.eval_scenes]
     print(f"train: {len(train_set.images)} scenes, {len(train_set.qa)} questions | test: {len(test_images)} scenes, "
           f"{len(test_qa)} questions")
 
     # -- model --------------------------------------------------------------------------------------------
-    mcfg = PlannerConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=tok.n_vocab, number_values=data.number_values(tok),
+    mcfg = PlannerConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=tok.n_vocab, number_values=data.number_values(tok), prompt_in_prefix=not cfg.packed,
                          d_model=cfg.d_model, vit_layers=cfg.vit_layers, lm_layers=cfg.lm_layers, n_heads=cfg.n_heads)
     model = Planner(mcfg).to(device)
     print(f"planner: {count_params(model) / 1e6:.2f}M parameters, {mcfg.n_image_tokens} image tokens")
@@ -256,11 +258,14 @@ def main(argv=None):
         items = [train_set[i] for i in order[pos:pos + cfg.batch_size]]
         pos += cfg.batch_size
         n_questions = sum(len(pairs) for _, pairs in items)
-        images, tokens, targets, segments, positions = (x.to(device) for x in train_set.collate(items))
+        batch = [x.to(device) for x in train_set.collate(items)]
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        _, loss, _ = model(images, tokens, targets, segments, positions)  # mean loss over all answer tokens
+        if cfg.packed:  # images, tokens, targets, segments, positions
+            _, loss, _ = model(*batch)
+        else:  # images, tokens, targets, prefix_len
+            _, loss, _ = model(*batch[:3], prefix_len=batch[3])  # mean loss over all answer tokens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

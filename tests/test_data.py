@@ -87,7 +87,7 @@ def test_collate_packs_questions_and_aligns_targets(tok):
     qa = [dict(kind="box", question="where is the red cube?", answer="[1,2,3,4]", image=0, label=[1, 2, 3, 4]),
           dict(kind="point", question="point to the blue bowl.", answer="(5,6)", image=0, label=[5, 6]),
           dict(kind="point", question="point to the red cube.", answer="(7,8)", image=1, label=[7, 8])]
-    ds = data.GroundingDataset(None, tok, images=images, qa=qa)
+    ds = data.GroundingDataset(None, tok, images=images, qa=qa, packed=True)
     assert len(ds) == 2  # one item per image, holding all of its questions
     x, tokens, targets, segments, positions = ds.collate([ds[0], ds[1]])
     assert x.shape == (2, 3, 32, 32) and tokens.shape == targets.shape == segments.shape == positions.shape
@@ -163,7 +163,7 @@ def test_packed_rows_equal_separate_rows(tok):
     images = np.random.default_rng(0).integers(0, 255, (1, 24, 24, 3)).astype(np.uint8)
     qa = [dict(kind="box", question="where is the red cube?", answer="[1,2,3,4]", image=0),
           dict(kind="point", question="point to the blue bowl.", answer="(5,6)", image=0)]
-    packed = data.GroundingDataset(None, tok, images=images, qa=qa)
+    packed = data.GroundingDataset(None, tok, images=images, qa=qa, packed=True)
     x, tokens, targets, segments, positions = packed.collate([packed[0]])
     logits_packed = planner(x, tokens, targets, segments, positions)[0][0]
     start = 0
@@ -172,3 +172,13 @@ def test_packed_rows_equal_separate_rows(tok):
         logits = planner(x, torch.tensor([seq]))[0][0]
         assert torch.allclose(logits, logits_packed[start:start + len(seq)], atol=1e-5)
         start += len(seq)
+
+
+def test_unpacked_rows_put_the_question_in_the_prefix(tok):
+    images = np.zeros((1, 32, 32, 3), np.uint8)
+    qa = [dict(kind="point", question="point to the blue bowl.", answer="(5,6)", image=0, label=[5, 6])]
+    ds = data.GroundingDataset(None, tok, images=images, qa=qa)
+    x, tokens, targets, prefix_len = ds.collate([ds[0]])
+    n_q = len(data.encode_question(tok, qa[0]["question"]))
+    assert prefix_len.tolist() == [n_q] and tokens[0, n_q - 1].item() == tok.encode_single_token(data.ANSWER)
+    assert targets[0, n_q - 1:].tolist() == tok.encode("(5,6)") + [tok.encode_single_token(data.EOT)]
