@@ -177,7 +177,7 @@ def main(argv=None):
         for q in d_qa:
             q["image"] += len(g_images)
         ground_set = data.GroundingDataset(None, tok, images=np.concatenate([g_images, d_images]), qa=g_qa + d_qa)
-        log(f"co-training: {len(ground_set.qa)} grounding questions on {len(ground_set)} images ({len(d_qa)} from demonstration frames)")
+        log(f"co-training: {len(ground_set.qa)} grounding questions on {len(ground_set.image_ids)} images ({len(d_qa)} from demonstration frames)")
 
     # -- model -------------------------------------------------------------------------------------------
     acfg = ActionExpertConfig(chunk_len=cfg.chunk_len, use_state=cfg.use_state, d_model=cfg.d_action,

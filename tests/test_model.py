@@ -165,6 +165,26 @@ def test_planner_attention_is_prefix_lm():
     assert not torch.allclose(h1[:, P + 6:], h2[:, P + 6:])
 
 
+def test_prompt_in_prefix_lets_the_image_read_the_question_and_keeps_the_answer_causal():
+    pcfg = tiny_planner_config(prompt_in_prefix=True)
+    planner = Planner(pcfg).eval()
+    images, tokens, _, _, _, _ = tiny_batch(pcfg=pcfg)
+    P, n_q = pcfg.n_image_tokens, 5
+    prefix = torch.full((tokens.shape[0],), n_q)
+    h1 = planner(images, tokens, prefix_len=prefix)[2]
+    changed_answer = tokens.clone()
+    changed_answer[:, n_q + 2:] = (changed_answer[:, n_q + 2:] + 1) % pcfg.vocab_size
+    h2 = planner(images, changed_answer, prefix_len=prefix)[2]
+    torch.testing.assert_close(h1[:, : P + n_q + 2], h2[:, : P + n_q + 2])  # nothing sees the future answer
+    changed_question = tokens.clone()
+    changed_question[:, n_q - 1] = (changed_question[:, n_q - 1] + 1) % pcfg.vocab_size
+    h3 = planner(images, changed_question, prefix_len=prefix)[2]
+    assert not torch.allclose(h1[:, :P], h3[:, :P])  # the image tokens read the (whole) question
+    # generation with and without the KV cache still agree under the prefix mask
+    assert planner.generate(images, tokens[:, :n_q], 6, -1) == planner.generate(images, tokens[:, :n_q], 6, -1,
+                                                                                  use_cache=False)
+
+
 def test_wrong_image_size_raises_a_helpful_error():
     planner = Planner(tiny_planner_config())
     with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, 24, 24\)"):

@@ -1,0 +1,40 @@
+"""eval.py: the Wilson interval, and the whole smoke pipeline end to end (data -> stage 1 -> stage 2 -> eval)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import eval as evaluation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_wilson_known_values():
+    # values computed by hand from metrics.md's formula (z = 1.96)
+    lo, hi = evaluation.wilson(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    lo, hi = evaluation.wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = evaluation.wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = evaluation.wilson(200, 200)
+    assert hi == 1.0 and lo == pytest.approx(0.9812, abs=1e-4)
+
+
+def test_smoke_pipeline_end_to_end(tmp_path):
+    out = str(tmp_path / "pipe")
+    r = subprocess.run([sys.executable, "eval.py", "--pipeline", "--preset", "smoke", "--out", out, "--no-progress",
+                        "--episodes", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with open(os.path.join(out, "eval", "results.json")) as f:
+        res = json.load(f)
+    for suite in ("seen", "unseen", "distractors"):
+        row = res["suites"][suite]["m1"]
+        for key in ("success_rate", "successes", "episodes", "ci95", "mean_steps_to_success", "ms_per_chunk"):
+            assert key in row
+        assert row["episodes"] == 2 and 0 <= row["ci95"][0] <= row["success_rate"] <= row["ci95"][1] <= 1
+    assert {"machine", "grounding", "timings_seconds"} <= set(res)
+    assert os.path.exists(os.path.join(out, "stage1", "ckpt", "model.safetensors"))
+    assert os.path.exists(os.path.join(out, "eval", "success.png"))
