@@ -20,7 +20,7 @@ def test_wilson_known_values():
     lo, hi = evaluation.wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
     lo, hi = evaluation.wilson(200, 200)
-    assert hi == 1.0 and lo == pytest.approx(0.9812, abs=1e-4)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.9812, abs=1e-4)
 
 
 def test_smoke_pipeline_end_to_end(tmp_path):
