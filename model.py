@@ -850,6 +850,38 @@ def load_checkpoint(ckpt_dir):
     return model, config
 
 
+# training helpers shared by train_grounding.py and train_action.py
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def save_optimizer(path: str, opt: torch.optim.Optimizer):
+    """AdamW's moment estimates as safetensors (no pickle), so --resume continues exactly."""
+    tensors = {}
+    for i, (p, st) in enumerate(opt.state.items()):
+        for k, v in st.items():
+            tensors[f"{i}.{k}"] = v.detach().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
+    save_file(tensors, path)
+
+
+def load_optimizer(path: str, opt: torch.optim.Optimizer, params: list):
+    tensors = load_file(path)
+    for i, p in enumerate(params):
+        if f"{i}.step" not in tensors:
+            continue
+        opt.state[p] = {"step": tensors[f"{i}.step"].reshape(()).clone(),
+                        "exp_avg": tensors[f"{i}.exp_avg"].reshape(p.shape).clone(),
+                        "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].reshape(p.shape).clone()}
+
+
 # -----------------------------------------------------------------------------
 # python model.py: every stage on dummy input
 

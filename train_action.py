@@ -35,8 +35,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from model import ActionExpertConfig, PlannerConfig, VLA, count_params, load_checkpoint, save_checkpoint
-from train_grounding import load_optimizer, pick_device, save_optimizer
+from model import (VLA, ActionExpertConfig, PlannerConfig, count_params, load_checkpoint, load_optimizer, pick_device,
+                   save_checkpoint, save_optimizer)
 
 # ----------------------------------------------------------------------------------------------------------
 # settings

@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
-from model import Planner, PlannerConfig, count_params, load_checkpoint, save_checkpoint
+from model import (Planner, PlannerConfig, count_params, load_checkpoint, load_optimizer, pick_device, save_checkpoint,
+                   save_optimizer)
 
 # ----------------------------------------------------------------------------------------------------------
 # settings: a dataclass whose fields are the command-line flags; presets fill them in
@@ -97,41 +98,12 @@ def parse_config(argv=None) -> Config:
     return Config(**vars(p.parse_args(argv)))
 
 
-def pick_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warm-up, then cosine decay to min_lr."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-def save_optimizer(path: str, opt: torch.optim.Optimizer):
-    """AdamW's moment estimates as safetensors (no pickle), so --resume continues exactly."""
-    tensors = {}
-    for i, (p, st) in enumerate(opt.state.items()):
-        for k, v in st.items():
-            tensors[f"{i}.{k}"] = v.detach().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
-    save_file(tensors, path)
-
-
-def load_optimizer(path: str, opt: torch.optim.Optimizer, params: list):
-    tensors = load_file(path)
-    for i, p in enumerate(params):
-        if f"{i}.step" not in tensors:
-            continue
-        opt.state[p] = {"step": tensors[f"{i}.step"].reshape(()).clone(),
-                        "exp_avg": tensors[f"{i}.exp_avg"].reshape(p.shape).clone(),
-                        "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].reshape(p.shape).clone()}
 
 
 def plot_curves(history: list, evals: list, path: str):
