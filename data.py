@@ -294,16 +294,19 @@ def _atomic_savez(path: str, **arrays):
 
 
 def generate_grounding(out_dir: str, n_scenes: int, split: str = "train", seed: int = 0, image_size: int = 96,
-                       shard_size: int = 250, progress: bool = True) -> str:
+                       shard_size: int = 250, progress: bool = True, n_objects=(2, 4), n_containers=(1, 2)) -> str:
     """Write n_scenes grounding scenes as shards `shard_00000.npz` (images uint8 (n,H,W,3), qa JSON).
-    Shards already on disk are kept, so an interrupted run continues where it stopped."""
+    Shards already on disk are kept, so an interrupted run continues where it stopped.
+    n_objects / n_containers (inclusive ranges) default to sim.py's tables; train_grounding.py also makes a
+    set of (1, 1) tables for its curriculum."""
     import sim
     from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
-    meta = dict(n_scenes=n_scenes, split=split, seed=seed, image_size=image_size, shard_size=shard_size)
+    meta = dict(n_scenes=n_scenes, split=split, seed=seed, image_size=image_size, shard_size=shard_size,
+                n_objects=list(n_objects), n_containers=list(n_containers))
     _check_meta(out_dir, meta)
-    env = sim.SO100Env(image_size=image_size, split=split)
+    env = sim.SO100Env(image_size=image_size, split=split, n_objects=tuple(n_objects), n_containers=tuple(n_containers))
     n_shards = math.ceil(n_scenes / shard_size)
     bar = tqdm(total=n_scenes, desc=f"grounding {split}", disable=not progress, unit="scene")
     for k in range(n_shards):

@@ -1,6 +1,6 @@
 """eval.py -- closed-loop evaluation in simulation, the paper's ablation, pictures, and the one-command pipeline.
 
-    python eval.py --ckpt out/m1/ckpt                            # all suites, 50 episodes each
+    python eval.py --ckpt out/m1/ckpt                            # all suites, 200 episodes each
     python eval.py --ckpt out/vanilla/ckpt out/m1/ckpt --episodes 200   # side by side: the ablation
     python eval.py --pipeline                                    # data -> stage 1 -> stage 2 (m1) -> eval
     python eval.py --pipeline --ablation                         # ... and vanilla + each component off
@@ -89,16 +89,17 @@ def draw_frame(image: np.ndarray, caption: str, overlay: dict, scale: int = 3) -
     return np.asarray(canvas)
 
 
-def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path: str | None = None,
-              gif_episodes: int = 3, progress: bool = True) -> dict:
-    """Run `episodes` seeded episodes of a suite closed-loop. Returns the suite's numbers."""
+def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0, gif_path: str | None = None,
+                 gif_episodes: int = 3, progress: bool = True) -> dict:
+    """Run episodes first..last-1 of a suite closed-loop (episode i always has the seed suite_seed + i).
+    Returns the raw outcomes: success per episode, steps of the successful ones, ms of every chunk prediction."""
     from tqdm import tqdm
 
     spec = dict(SUITES[suite])
     base_seed = spec.pop("seed") + seed_offset
     env = sim.SO100Env(image_size=policy.image_size, **spec)
-    wins, steps_ok, chunk_ms, frames = 0, [], [], []
-    for i in tqdm(range(episodes), desc=f"{suite}", disable=not progress, unit="ep", leave=False):
+    success, steps_ok, chunk_ms, frames, final_states = [], [], [], [], []
+    for i in tqdm(range(first, last), desc=f"{suite}", disable=not progress, unit="ep", leave=False):
         obs, info = env.reset(seed=base_seed + i)
         policy.reset()
         record = gif_path is not None and i < gif_episodes
@@ -119,7 +120,8 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
         if record:
             frames.append(draw_frame(obs["image"], ("SUCCESS: " if info["success"] else "failure: ") + info["instruction"], {}))
             frames += frames[-1:] * 5  # hold the last frame
-        wins += info["success"]
+        success.append(bool(info["success"]))
+        final_states.append([round(float(v), 6) for v in obs["state"]])
         if info["success"]:
             steps_ok.append(env.steps)
     env.close()
@@ -127,10 +129,40 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
         from PIL import Image
         ims = [Image.fromarray(f) for f in frames]
         ims[0].save(gif_path, save_all=True, append_images=ims[1:], duration=100, loop=0)
+    return {"success": success, "steps_ok": steps_ok, "chunk_ms": chunk_ms, "final_states": final_states}
+
+
+def _worker(job: tuple) -> dict:
+    """One worker process of run_suite: its own policy (1 thread) and its own simulator and renderer."""
+    from model import Policy
+
+    ckpt, suite, first, last, seed_offset, gif_path, gif_episodes = job
+    return run_episodes(Policy.load(ckpt), suite, first, last, seed_offset, gif_path, gif_episodes, progress=False)
+
+
+def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path: str | None = None,
+              gif_episodes: int = 3, progress: bool = True, workers: int = 1, ckpt: str | None = None) -> dict:
+    """Run `episodes` seeded episodes of a suite closed-loop. Returns the suite's numbers.
+    workers > 1 splits the episodes between that many processes (each loads `ckpt` and uses one thread), so
+    on a 2-core laptop 200 episodes take half the time; the episodes and their seeds are the same either way."""
+    if workers <= 1:
+        raw = run_episodes(policy, suite, 0, episodes, seed_offset, gif_path, gif_episodes, progress)
+    else:
+        import multiprocessing as mp
+
+        cuts = np.linspace(0, episodes, workers + 1).astype(int)
+        jobs = [(ckpt, suite, int(a), int(b), seed_offset, gif_path if k == 0 else None, gif_episodes)
+                for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+        # spawn, not fork: a forked child would inherit the parent's OpenGL context and torch threads
+        with mp.get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_worker, jobs)
+        raw = {k: sum((p[k] for p in parts), []) for k in parts[0]}
+    wins = int(sum(raw["success"]))
     lo, hi = wilson(wins, episodes)
     return {"success_rate": wins / episodes, "successes": wins, "episodes": episodes, "ci95": [lo, hi],
-            "mean_steps_to_success": float(np.mean(steps_ok)) if steps_ok else None,
-            "ms_per_chunk": float(np.median(chunk_ms)) if chunk_ms else None}
+            "mean_steps_to_success": float(np.mean(raw["steps_ok"])) if raw["steps_ok"] else None,
+            "ms_per_chunk": float(np.median(raw["chunk_ms"])) if raw["chunk_ms"] else None,
+            "final_states": raw["final_states"]}  # the arm's last joint angles per episode (a fingerprint)
 
 
 def grounding_of(policy, test_dir: str, max_scenes: int = 200) -> dict:
@@ -195,18 +227,19 @@ def plot_curves(ckpts: list, names: list, path: str):
 
 
 def evaluate(ckpts: list, names: list, suites: list, episodes: int, seed: int, out: str, grounding_dir: str,
-             progress: bool = True, gifs: int = 3) -> dict:
+             progress: bool = True, gifs: int = 3, workers: int = 1) -> dict:
     from model import Policy
 
     os.makedirs(out, exist_ok=True)
-    results = {"machine": machine(), "episodes_per_suite": episodes, "seed": seed, "suites": {s: {} for s in suites},
+    results = {"machine": machine(), "episodes_per_suite": episodes, "seed": seed, "workers": workers,
+               "suites": {s: {} for s in suites},
                "grounding": {}, "checkpoints": dict(zip(names, ckpts))}
     for ck, name in zip(ckpts, names):
         policy = Policy.load(ck)
         for s in suites:
             t0 = time.time()
             r = run_suite(policy, s, episodes, seed, os.path.join(out, f"{s}_{name}.gif") if gifs else None,
-                          gifs, progress)
+                          gifs, progress, workers, ck)
             r["wall_seconds"] = time.time() - t0
             results["suites"][s][name] = r
             print(f"  {name:>12s} {s:>12s}: {r['successes']}/{episodes} = {100 * r['success_rate']:.1f}% "
@@ -271,10 +304,10 @@ def pipeline(args):
              "--out", os.path.join(out, v)])
         timings[f"stage2 {v}"] = time.time() - t
     t = time.time()
-    episodes = args.episodes or {"smoke": 4, "default": 50, "full": 200}[args.preset]
+    episodes = args.episodes or {"smoke": 4, "default": 200, "full": 200}[args.preset]
     results = evaluate([os.path.join(out, v, "ckpt") for v in variants], variants, args.suites, episodes, args.seed,
                        os.path.join(out, "eval"), os.path.join(out, "data", f"grounding_test_{stage1_image_size(out)}"),
-                       not args.no_progress, 0 if args.preset == "smoke" else 3)
+                       not args.no_progress, 0 if args.preset == "smoke" else 3, args.workers)
     timings["evaluation"] = time.time() - t
     total = time.time() - t0
     with open(os.path.join(out, "stage1", "metrics.json")) as f:
@@ -307,6 +340,7 @@ class EvalArgs:
     preset: str = "default"
     pipeline: bool = False
     ablation: bool = False
+    workers: int = 2
     grounding_dir: str = "out/data/grounding_test_96"
     gifs: int = 3
     no_progress: bool = False
@@ -317,7 +351,9 @@ def main(argv=None):
     p.add_argument("--ckpt", nargs="+", default=[], help="stage-2 checkpoint folder(s); several give a side-by-side table")
     p.add_argument("--names", nargs="+", default=[], help="a short name per checkpoint (default: its parent folder)")
     p.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
-    p.add_argument("--episodes", type=int, default=0, help="episodes per suite (default 50; pipeline: by preset)")
+    p.add_argument("--episodes", type=int, default=0, help="episodes per suite (default 200; pipeline smoke: 4)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes that share a suite's episodes (default: 2, one per core of a laptop)")
     p.add_argument("--seed", type=int, default=0, help="offset added to every suite's fixed seeds")
     p.add_argument("--out", default="", help="output folder (default out/eval, or out/pipeline with --pipeline)")
     p.add_argument("--preset", default="default", choices=["smoke", "default", "full"], help="pipeline size")
@@ -336,8 +372,8 @@ def main(argv=None):
     if not args.ckpt:
         p.error("give --ckpt PATH [PATH ...] or --pipeline")
     names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(c))) for c in args.ckpt]
-    return evaluate(args.ckpt, names, args.suites, args.episodes or 50, args.seed, args.out or "out/eval",
-                    args.grounding_dir, not args.no_progress, args.gifs)
+    return evaluate(args.ckpt, names, args.suites, args.episodes or 200, args.seed, args.out or "out/eval",
+                    args.grounding_dir, not args.no_progress, args.gifs, args.workers)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,17 @@ def test_grounding_shards_are_deterministic_and_resumable(tmp_path):
     assert ia.shape == (5, 48, 48, 3) and np.array_equal(ia, ib) and qa == qb
     with pytest.raises(ValueError, match="made with"):
         data.generate_grounding(a, 5, seed=2, image_size=48, shard_size=2, progress=False)
+    with pytest.raises(ValueError, match="made with"):  # the curriculum's small tables never mix with full ones
+        data.generate_grounding(a, 5, seed=1, image_size=48, shard_size=2, progress=False, n_objects=(1, 1))
+
+
+def test_curriculum_tables_have_one_object_and_one_container(tmp_path):
+    d = str(tmp_path / "easy")
+    data.generate_grounding(d, 4, seed=3, image_size=48, progress=False, n_objects=(1, 1), n_containers=(1, 1))
+    _, qa = data.load_grounding(d)
+    for i in range(4):
+        boxes = [q for q in qa if q["image"] == i and q["kind"] == "box"]
+        assert len(boxes) == 2  # one box question per item on the table
 
 
 def test_collate_packs_questions_and_aligns_targets(tok):

@@ -38,3 +38,9 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert {"machine", "grounding", "timings_seconds"} <= set(res)
     assert os.path.exists(os.path.join(out, "stage1", "ckpt", "model.safetensors"))
     assert os.path.exists(os.path.join(out, "eval", "success.png"))
+    # workers split a suite's episodes between processes: every episode must come out exactly the same
+    from model import Policy
+    ck = os.path.join(out, "m1", "ckpt")
+    one = evaluation.run_suite(Policy.load(ck), "seen", 2, progress=False)
+    two = evaluation.run_suite(None, "seen", 2, progress=False, workers=2, ckpt=ck)
+    assert one["final_states"] == two["final_states"] and one["successes"] == two["successes"]

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import (  # noqa: E402
@@ -151,6 +152,26 @@ def test_planner_forward_backward_shapes():
     assert loss_none is None
 
 
+
+def test_coordinate_loss_prefers_near_misses_and_reduces_to_cross_entropy():
+    # tokens 0..29 spell the numbers 0..29, tokens 30..39 are words
+    pcfg = tiny_planner_config(number_values=tuple(range(30)) + (-1,) * 10, coord_sigma=1.0)
+    planner = Planner(pcfg)
+    targets = torch.tensor([[12, 35]])  # a number, then a word
+    near, far = torch.zeros(1, 2, 40), torch.zeros(1, 2, 40)
+    near[0, 0, 13] = far[0, 0, 25] = 10.0  # "13" (1 px off) against "25" (13 px off)
+    near[0, 1, 35] = far[0, 1, 35] = 10.0
+    assert planner.answer_loss(near, targets) < planner.answer_loss(far, targets)
+    exact = torch.zeros(1, 2, 40)
+    exact[0, 0] = -0.5 * (torch.arange(40.0) - 12) ** 2  # log of the Gaussian target itself ...
+    exact[0, 0, 30:] = -1e4
+    exact[0, 1, 35] = 30.0
+    assert planner.answer_loss(exact, targets).item() == pytest.approx(0.0, abs=1e-4)  # ... scores zero
+    planner.config.coord_sigma = 0.0  # plain cross-entropy, -100 ignored
+    logits, t = torch.randn(2, 3, 40), torch.tensor([[3, -100, 31], [-100, 7, 0]])
+    torch.testing.assert_close(planner.answer_loss(logits, t),
+                               F.cross_entropy(logits.reshape(-1, 40), t.reshape(-1), ignore_index=-100))
+
 def test_planner_attention_is_prefix_lm():
     """Text is causal (later tokens cannot change earlier hidden states), image tokens never see text."""
     pcfg = tiny_planner_config()
@@ -244,6 +265,23 @@ def test_queries_and_action_expert_forward_backward():
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mod.parameters())
     with pytest.raises(ValueError, match="use_state"):
         vla.expert(torch.randn(3, 4, 6), torch.tensor([0, 50, 99]), cond)
+
+
+@pytest.mark.parametrize("use_state", [False, True])
+def test_cached_prefix_denoising_equals_the_full_forward(use_state):
+    """sample() runs the condition prefix once per chunk; each step must give exactly forward()'s noise."""
+    torch.manual_seed(0)
+    expert = ActionExpert(tiny_action_config(use_state=use_state)).eval()
+    cond, noisy, t = torch.randn(3, 4, 32), torch.randn(3, 4, 6), torch.tensor([0, 50, 99])
+    state = torch.randn(3, 6) if use_state else None
+    caches = expert.encode_prefix(cond, state)
+    for _ in range(2):  # twice: the frozen caches must not grow between denoising steps
+        torch.testing.assert_close(expert.denoise(noisy, t, caches), expert(noisy, t, cond, state),
+                                   rtol=1e-5, atol=1e-5)
+    # and denoising never changes the cached prefix, whatever the noisy actions
+    k0 = caches[-1]["k"].clone()
+    expert.denoise(torch.randn(3, 4, 6), t, caches)
+    torch.testing.assert_close(caches[-1]["k"], k0)
 
 
 def test_padded_text_does_not_change_the_condition():
