@@ -5,6 +5,7 @@
     python eval.py --pipeline                                    # data -> stage 1 -> stage 2 (m1) -> eval
     python eval.py --pipeline --ablation                         # ... and vanilla + each component off
     python eval.py --pipeline --preset smoke                     # the whole path in about a minute
+    python eval.py --ckpt out/m1/ckpt --open-loop out/data/demos_train_96   # chunk error against the expert
 
 Suites (fixed seeds, never used for training data):
     seen         training split (its tasks and phrasings), new tables
@@ -163,6 +164,22 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
             "mean_steps_to_success": float(np.mean(raw["steps_ok"])) if raw["steps_ok"] else None,
             "ms_per_chunk": float(np.median(raw["chunk_ms"])) if raw["chunk_ms"] else None,
             "final_states": raw["final_states"]}  # the arm's last joint angles per episode (a fingerprint)
+
+
+def open_loop_error(policy, episodes: list, every: int = 4) -> dict:
+    """How far the policy's chunks are from the expert's, frame by frame, with no feedback from its own actions:
+    mean |predicted - expert| per joint in degrees over the executed part of each chunk (replan_every actions),
+    at every `every`-th frame of the given demonstration episodes. Large errors on *training* episodes mean the
+    action expert underfits; small errors there but large on held-out ones mean it overfits."""
+    errors = []
+    for ep in episodes:
+        for t in range(0, len(ep["actions"]) - policy.replan_every, every):
+            policy.reset()
+            chunk = policy.predict_chunk({"image": ep["images"][t], "state": ep["states"][t]}, ep["instruction"])
+            n = policy.replan_every
+            errors.append(np.abs(chunk[:n] - ep["actions"][t:t + n]).mean(0))  # (6,) radians
+    deg = np.degrees(np.mean(errors, 0))
+    return {"chunks": len(errors), **{name: float(e) for name, e in zip(sim.JOINT_NAMES, deg)}}
 
 
 def grounding_of(policy, test_dir: str, max_scenes: int = 200) -> dict:
@@ -363,6 +380,9 @@ def main(argv=None):
                    help="with --pipeline: which stage-2 variants to train and compare (default m1)")
     p.add_argument("--grounding-dir", default="out/data/grounding_test_96", help="test scenes for planner grounding")
     p.add_argument("--gifs", type=int, default=3, help="episodes per suite drawn into a GIF (0: none)")
+    p.add_argument("--open-loop", default="", metavar="DEMO_DIR",
+                   help="instead of closed-loop suites: each checkpoint's per-joint error against the expert on "
+                        "the demonstrations in DEMO_DIR (its held-out 5%% and 20 training episodes)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
@@ -372,6 +392,18 @@ def main(argv=None):
     if not args.ckpt:
         p.error("give --ckpt PATH [PATH ...] or --pipeline")
     names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(c))) for c in args.ckpt]
+    if args.open_loop:
+        from model import Policy
+
+        episodes = data.read_demo_episodes(args.open_loop)
+        n_val = max(1, len(episodes) // 20)  # the same held-out episodes as train_action.py
+        for ck, name in zip(args.ckpt, names):
+            policy = Policy.load(ck)
+            for part, eps in (("held-out", episodes[:n_val]), ("training", episodes[n_val:n_val + 20])):
+                e = open_loop_error(policy, eps)
+                print(f"{name:>12s} {part:>9s} episodes, {e.pop('chunks')} chunks, mean |error| (deg): "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in e.items()))
+        return None
     return evaluate(args.ckpt, names, args.suites, args.episodes or 200, args.seed, args.out or "out/eval",
                     args.grounding_dir, not args.no_progress, args.gifs, args.workers)
 

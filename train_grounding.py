@@ -15,6 +15,10 @@ pixel coordinates of its input image, trained with plain next-token cross-entrop
     python train_grounding.py --max-steps 500 --lr 5e-4   # any setting overrides its preset
     python train_grounding.py --resume              # continue from out/stage1/ckpt
 
+The first 500 steps train on tables with one object and one container, the rest on sim.py's full tables (the
+CURRICULUM comment below says why); number tokens are scored against a Gaussian over neighbouring values
+(model.Planner.answer_loss).
+
 The script reads straight down: settings -> data -> model -> optimizer -> loop (log line + progress bar,
 periodic held-out evaluation, checkpoint) -> final evaluation, plots and metrics.json.
 """
@@ -54,6 +58,7 @@ class Config:
     vit_layers: int = 2
     lm_layers: int = 4
     n_heads: int = 4
+    coord_sigma: float = 1.0     # std (px) of the Gaussian target over number tokens; 0 = plain cross-entropy
     batch_size: int = 16         # scenes per step (with --no-packed: questions per step)
     curriculum_scenes: int = 2000  # extra training tables with 1 object and 1 container ...
     curriculum_steps: int = 500  # ... that the first steps train on (0 = no curriculum); see CURRICULUM below
@@ -205,7 +210,8 @@ def main(argv=None):
 
     # -- model --------------------------------------------------------------------------------------------
     mcfg = PlannerConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=tok.n_vocab, number_values=data.number_values(tok), prompt_in_prefix=not cfg.packed,
-                         d_model=cfg.d_model, vit_layers=cfg.vit_layers, lm_layers=cfg.lm_layers, n_heads=cfg.n_heads)
+                         d_model=cfg.d_model, vit_layers=cfg.vit_layers, lm_layers=cfg.lm_layers, n_heads=cfg.n_heads,
+                         coord_sigma=cfg.coord_sigma)
     model = Planner(mcfg).to(device)
     print(f"planner: {count_params(model) / 1e6:.2f}M parameters, {mcfg.n_image_tokens} image tokens")
 

@@ -44,3 +44,29 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     one = evaluation.run_suite(Policy.load(ck), "seen", 2, progress=False)
     two = evaluation.run_suite(None, "seen", 2, progress=False, workers=2, ckpt=ck)
     assert one["final_states"] == two["final_states"] and one["successes"] == two["successes"]
+
+
+def test_open_loop_error_is_zero_for_the_expert_and_measures_an_offset_in_degrees():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ep = {"images": np.zeros((30, 8, 8, 3), np.uint8), "states": rng.normal(size=(30, 6)),
+          "actions": rng.normal(size=(30, 6)), "instruction": "put the red cube in the blue bowl"}
+
+    class Replay:  # a stand-in policy that knows the expert's actions, plus a fixed offset
+        replan_every = 4
+
+        def __init__(self, offset):
+            self.offset = offset
+
+        def reset(self):
+            pass
+
+        def predict_chunk(self, obs, instruction):
+            t = int(np.flatnonzero((ep["states"] == obs["state"]).all(1))[0])  # which frame we were shown
+            return ep["actions"][t:t + 8] + self.offset
+
+    exact = evaluation.open_loop_error(Replay(0.0), [ep])
+    assert exact["chunks"] == len(range(0, 30 - 4, 4)) and all(exact[j] == 0.0 for j in evaluation.sim.JOINT_NAMES)
+    off = evaluation.open_loop_error(Replay(np.array([0.1, 0, 0, 0, 0, -0.2])), [ep])
+    assert off["shoulder_pan"] == pytest.approx(np.degrees(0.1)) and off["gripper"] == pytest.approx(np.degrees(0.2))
