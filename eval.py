@@ -26,7 +26,6 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -155,8 +154,12 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
         jobs = [(ckpt, suite, int(a), int(b), seed_offset, gif_path if k == 0 else None, gif_episodes)
                 for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
         # spawn, not fork: a forked child would inherit the parent's OpenGL context and torch threads
-        with mp.get_context("spawn").Pool(workers) as pool:
+        pool = mp.get_context("spawn").Pool(workers)
+        try:
             parts = pool.map(_worker, jobs)
+        finally:
+            pool.close()  # close + join lets the workers exit on their own (terminate() can leak semaphores)
+            pool.join()
         raw = {k: sum((p[k] for p in parts), []) for k in parts[0]}
     wins = int(sum(raw["success"]))
     lo, hi = wilson(wins, episodes)
@@ -344,23 +347,6 @@ def pipeline(args):
 def stage1_image_size(out: str) -> int:
     with open(os.path.join(out, "stage1", "ckpt", "config.json")) as f:
         return json.load(f)["image_size"]
-
-
-@dataclass
-class EvalArgs:
-    ckpt: list = field(default_factory=list)
-    names: list = field(default_factory=list)
-    suites: list = field(default_factory=lambda: list(SUITES))
-    episodes: int = 0
-    seed: int = 0
-    out: str = ""
-    preset: str = "default"
-    pipeline: bool = False
-    ablation: bool = False
-    workers: int = 2
-    grounding_dir: str = "out/data/grounding_test_96"
-    gifs: int = 3
-    no_progress: bool = False
 
 
 def main(argv=None):
