@@ -567,6 +567,13 @@ def unnormalize(x, stats: dict):
     return (np.asarray(x, np.float32) + 1) / 2 * (hi - lo) + lo
 
 
+def split_episodes(episodes: list) -> tuple:
+    """-> (training episodes, held-out episodes): the first 5% (at least one) are held out. train_action.py's
+    validation loss and eval.py --open-loop both use this split, so "held-out" means the same episodes."""
+    n_val = max(1, len(episodes) // 20)
+    return episodes[n_val:], episodes[:n_val]
+
+
 class DemoDataset(torch.utils.data.Dataset):
     """Items are (episode, time) pairs; each gives the image and state at t and the chunk of the next
     `chunk` actions (repeating the last action past the episode's end, i.e. "stay there").

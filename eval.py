@@ -174,12 +174,11 @@ def open_loop_error(policy, episodes: list, every: int = 4) -> dict:
     mean |predicted - expert| per joint in degrees over the executed part of each chunk (replan_every actions),
     at every `every`-th frame of the given demonstration episodes. Large errors on *training* episodes mean the
     action expert underfits; small errors there but large on held-out ones mean it overfits."""
-    errors = []
+    errors, n = [], policy.replan_every
     for ep in episodes:
-        for t in range(0, len(ep["actions"]) - policy.replan_every, every):
+        for t in range(0, len(ep["actions"]) - n, every):
             policy.reset()
             chunk = policy.predict_chunk({"image": ep["images"][t], "state": ep["states"][t]}, ep["instruction"])
-            n = policy.replan_every
             errors.append(np.abs(chunk[:n] - ep["actions"][t:t + n]).mean(0))  # (6,) radians
     deg = np.degrees(np.mean(errors, 0))
     return {"chunks": len(errors), **{name: float(e) for name, e in zip(sim.JOINT_NAMES, deg)}}
@@ -381,11 +380,10 @@ def main(argv=None):
     if args.open_loop:
         from model import Policy
 
-        episodes = data.read_demo_episodes(args.open_loop)
-        n_val = max(1, len(episodes) // 20)  # the same held-out episodes as train_action.py
+        train_eps, val_eps = data.split_episodes(data.read_demo_episodes(args.open_loop))
         for ck, name in zip(args.ckpt, names):
             policy = Policy.load(ck)
-            for part, eps in (("held-out", episodes[:n_val]), ("training", episodes[n_val:n_val + 20])):
+            for part, eps in (("held-out", val_eps), ("training", train_eps[:20])):
                 e = open_loop_error(policy, eps)
                 print(f"{name:>12s} {part:>9s} episodes, {e.pop('chunks')} chunks, mean |error| (deg): "
                       + ", ".join(f"{k} {v:.1f}" for k, v in e.items()))

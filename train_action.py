@@ -161,9 +161,9 @@ def main(argv=None):
     episodes = data.read_demo_episodes(demo_dir)[: cfg.demos]
     with open(os.path.join(demo_dir, "norm_stats.json")) as f:
         stats = json.load(f)
-    n_val = max(1, len(episodes) // 20)  # 5% of episodes held out for a validation loss
-    train_set = data.DemoDataset(episodes[n_val:], tok, stats, cfg.chunk_len, cfg.spatial_prompt)
-    val_set = data.DemoDataset(episodes[:n_val], tok, stats, cfg.chunk_len, cfg.spatial_prompt)
+    train_eps, val_eps = data.split_episodes(episodes)  # 5% of episodes held out for a validation loss
+    train_set = data.DemoDataset(train_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt)
+    val_set = data.DemoDataset(val_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt)
     log(f"demos: {len(episodes)} successful episodes, {len(train_set)} training frames, {len(val_set)} validation")
     ground_set = None
     if cfg.cotrain:
@@ -173,7 +173,7 @@ def main(argv=None):
             raise FileNotFoundError(f"co-training needs grounding data in {gdir}: run train_grounding.py first "
                                     "(or pass --no-cotrain)")
         g_images, g_qa = data.load_grounding(gdir)
-        d_images, d_qa = data.demo_grounding_qa(episodes[n_val:], np.random.default_rng(cfg.seed), len(g_qa) // 2,
+        d_images, d_qa = data.demo_grounding_qa(train_eps, np.random.default_rng(cfg.seed), len(g_qa) // 2,
                                                 cfg.image_size)
         for q in d_qa:
             q["image"] += len(g_images)

@@ -126,6 +126,14 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
+def shuffled_batches(dataset, batch_size: int, rng: np.random.Generator):
+    """Endless lists of batch_size items, reshuffled at every epoch."""
+    while True:
+        order = rng.permutation(len(dataset))
+        for pos in range(0, max(1, len(order) - batch_size + 1), batch_size):
+            yield [dataset[i] for i in order[pos:pos + batch_size]]
+
+
 def plot_curves(history: list, evals: list, path: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -246,22 +254,15 @@ def main(argv=None):
 
     # -- training loop ------------------------------------------------------------------------------------
     rng = np.random.default_rng(cfg.seed + step)
-    orders = {}  # dataset -> [shuffled order, position]: a fresh shuffle every epoch
-
-    def next_items(dataset, n):
-        order, pos = orders.get(id(dataset), (None, len(dataset)))
-        if pos + n > len(dataset):
-            order, pos = rng.permutation(len(dataset)), 0
-        orders[id(dataset)] = (order, pos + n)
-        return [dataset[i] for i in order[pos:pos + n]]
-
+    full_batches = shuffled_batches(train_set, cfg.batch_size, rng)
+    easy_batches = shuffled_batches(easy_set, cfg.curriculum_batch_size, rng) if easy_set is not None else None
     model.train()
     t0, t_last = time.time(), time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="stage 1", disable=not cfg.progress, unit="step")
     while step < cfg.max_steps:
         easy = easy_set is not None and step < cfg.curriculum_steps  # the curriculum's first phase
         dataset = easy_set if easy else train_set
-        items = next_items(dataset, cfg.curriculum_batch_size if easy else cfg.batch_size)
+        items = next(easy_batches if easy else full_batches)
         n_questions = sum(len(pairs) for _, pairs in items)
         batch = [x.to(device) for x in dataset.collate(items)]
         lr = lr_at(step, cfg)
