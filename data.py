@@ -57,6 +57,8 @@ TRACE_POINTS = 5  # points in a trace answer: start, above the object, the grasp
 BOX_QUESTIONS = ("where is the {name}?", "give the box of the {name}.", "locate the {name}.", "find the {name}.")
 POINT_QUESTIONS = ("point to the {name}.", "where is the center of the {name}?")
 PLACE_QUESTIONS = ("{instruction}. point to where it should go.", "to {instruction}, where should it be placed?")
+QUESTIONS_VERSION = 2  # bumped whenever scene_questions changes, so old grounding folders are not mixed in
+                       # (2: the spatial prompt answered with the key object's box)
 TRACE_QUESTIONS = ("show the path the gripper takes to {instruction}.", "{instruction}. draw the gripper path.")
 
 
@@ -276,6 +278,11 @@ def scene_questions(info: dict, rng: np.random.Generator, image_size: int) -> li
     q = PLACE_QUESTIONS[int(rng.integers(len(PLACE_QUESTIONS)))].format(instruction=ins)
     qa.append(dict(kind="place", question=q, answer=format_point(clip(info["target_point"])),
                    label=list(info["target_point"]), region=info["container_box"]))
+    # the stage-2 spatial prompt itself, answered with the box of the object to pick: this is what ties the
+    # prompt to grounding, so in stage 2 the planner's hidden state at its end already "points at" the key object
+    box = info["target_box"]
+    qa.append(dict(kind="box", question=SPATIAL_PROMPT.format(instruction=ins), answer=format_box(clip(box)),
+                   label=list(map(float, box))))
     trace = trace_label(info)
     q = TRACE_QUESTIONS[int(rng.integers(len(TRACE_QUESTIONS)))].format(instruction=ins)
     qa.append(dict(kind="trace", question=q, answer=format_trace(clip(trace)), label=trace.tolist()))
@@ -304,7 +311,7 @@ def generate_grounding(out_dir: str, n_scenes: int, split: str = "train", seed: 
 
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(n_scenes=n_scenes, split=split, seed=seed, image_size=image_size, shard_size=shard_size,
-                n_objects=list(n_objects), n_containers=list(n_containers))
+                n_objects=list(n_objects), n_containers=list(n_containers), questions=QUESTIONS_VERSION)
     _check_meta(out_dir, meta)
     env = sim.SO100Env(image_size=image_size, split=split, n_objects=tuple(n_objects), n_containers=tuple(n_containers))
     n_shards = math.ceil(n_scenes / shard_size)
@@ -557,6 +564,22 @@ def compute_norm_stats(episodes: list) -> dict:
     return stats
 
 
+def chunk_deltas(episode: dict, t: int, chunk: int) -> np.ndarray:
+    """The next `chunk` actions from time t, relative to the joint state at t: (chunk, 6) radians.
+    Past the episode's end the last action repeats ("stay there")."""
+    idx = np.minimum(np.arange(t, t + chunk), len(episode["actions"]) - 1)
+    return episode["actions"][idx] - episode["states"][t]
+
+
+def compute_delta_stats(episodes: list, chunk: int) -> dict:
+    """1st/99th percentiles of chunk_deltas, separately for each of the chunk's steps: {"low", "high"} (chunk, 6).
+    Per step because the first action is a few degrees from the state and the eighth tens of degrees: one
+    shared range would squeeze the near actions -- the ones the robot executes -- into a sliver of [-1, 1]."""
+    d = np.stack([chunk_deltas(e, t, chunk) for e in episodes for t in range(len(e["actions"]))])  # (N, chunk, 6)
+    lo, hi = np.percentile(d, 1, axis=0), np.percentile(d, 99, axis=0)
+    return {"low": lo.tolist(), "high": np.maximum(hi, lo + 1e-3).tolist()}
+
+
 def normalize(x, stats: dict):
     lo, hi = np.asarray(stats["low"], np.float32), np.asarray(stats["high"], np.float32)
     return np.clip(2 * (np.asarray(x, np.float32) - lo) / (hi - lo) - 1, -1.5, 1.5)
@@ -577,14 +600,16 @@ def split_episodes(episodes: list) -> tuple:
 class DemoDataset(torch.utils.data.Dataset):
     """Items are (episode, time) pairs; each gives the image and state at t and the chunk of the next
     `chunk` actions (repeating the last action past the episode's end, i.e. "stay there").
+    relative=True: the chunk is the actions minus the state at t, normalised with stats["delta"]
+    (compute_delta_stats); otherwise absolute joint targets normalised with stats["action"].
 
     collate -> images (B,3,H,W), tokens (B,L), pad_mask (B,L), actions (B,chunk,6) normalised,
                state (B,6) normalised, and the frame's grounding labels for co-training.
     """
 
     def __init__(self, episodes: list, tok: tiktoken.Encoding, stats: dict, chunk: int = 8,
-                 spatial_prompt: bool = True):
-        self.eps, self.tok, self.stats, self.chunk = episodes, tok, stats, chunk
+                 spatial_prompt: bool = True, relative: bool = False):
+        self.eps, self.tok, self.stats, self.chunk, self.relative = episodes, tok, stats, chunk, relative
         self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["actions"]))]
         self.image_size = episodes[0]["images"].shape[1]
         self.pad = tok.encode_single_token(PAD)
@@ -596,9 +621,11 @@ class DemoDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         e, t = self.index[i]
         ep = self.eps[e]
-        T = len(ep["actions"])
-        idx = np.minimum(np.arange(t, t + self.chunk), T - 1)
-        return e, t, normalize(ep["actions"][idx], self.stats["action"]), normalize(ep["states"][t], self.stats["state"])
+        state = normalize(ep["states"][t], self.stats["state"])
+        if self.relative:
+            return e, t, normalize(chunk_deltas(ep, t, self.chunk), self.stats["delta"]), state
+        idx = np.minimum(np.arange(t, t + self.chunk), len(ep["actions"]) - 1)
+        return e, t, normalize(ep["actions"][idx], self.stats["action"]), state
 
     def collate(self, batch):
         images = preprocess_image(np.stack([self.eps[e]["images"][t] for e, t, _, _ in batch]), self.image_size)
@@ -610,7 +637,8 @@ class DemoDataset(torch.utils.data.Dataset):
 
 def demo_grounding_qa(episodes: list, rng: np.random.Generator, n: int, image_size: int):
     """Grounding Q/A drawn from demonstration frames (mid-task views, the arm anywhere) for co-training:
-    boxes of the task's object and container, and where the object should go. Returns (images, qa)."""
+    boxes of the task's object and container, where the object should go, and the spatial prompt answered
+    with the key object's box (as in scene_questions). Returns (images, qa)."""
     import sim
 
     images, qa = [], []
@@ -622,7 +650,11 @@ def demo_grounding_qa(episodes: list, rng: np.random.Generator, n: int, image_si
         t = int(rng.integers(len(ep["actions"])))
         words = ep["instruction"].split()
         images.append(ep["images"][t])
-        kind = int(rng.integers(3))
+        kind = int(rng.integers(4))
+        if kind == 3:  # the spatial prompt -> the key object's box, as in scene_questions
+            qa.append(dict(kind="box", question=SPATIAL_PROMPT.format(instruction=ep["instruction"]),
+                           answer=format_box(np.clip(ep["target_box"][t], 0, image_size - 1)), image=len(images) - 1))
+            continue
         if kind == 2:
             q = PLACE_QUESTIONS[int(rng.integers(len(PLACE_QUESTIONS)))].format(instruction=ep["instruction"])
             qa.append(dict(kind="place", question=q, answer=format_point(np.clip(ep["target_point"][t], 0, image_size - 1)),

@@ -89,6 +89,26 @@ def draw_frame(image: np.ndarray, caption: str, overlay: dict, scale: int = 3) -
     return np.asarray(canvas)
 
 
+OUTCOMES = ("success", "target placed, not released", "target lifted, not placed", "wrong object lifted",
+            "nothing lifted")
+
+
+def classify_episode(success: bool, target_lift: float, other_lift: float, target_in_container: bool) -> str:
+    """Name what happened in one episode from how high (m, above where it started) the target object and the
+    highest other object were ever lifted, and whether the target ended over its container."""
+    lifted = 0.03  # 3 cm: well clear of a push or a bump
+    if success:
+        return "success"
+    if target_lift > lifted:
+        return "target placed, not released" if target_in_container else "target lifted, not placed"
+    return "wrong object lifted" if other_lift > lifted else "nothing lifted"
+
+
+def _object_heights(env) -> np.ndarray:
+    """z (m) of every object on the table, in the scene's order."""
+    return np.array([env.data.xpos[env.model.body(f"obj{i}").id][2] for i in range(len(env.scene["objects"]))])
+
+
 def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0, gif_path: str | None = None,
                  gif_episodes: int = 3, progress: bool = True) -> dict:
     """Run episodes first..last-1 of a suite closed-loop (episode i always has the seed suite_seed + i).
@@ -98,11 +118,13 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
     spec = dict(SUITES[suite])
     base_seed = spec.pop("seed") + seed_offset
     env = sim.SO100Env(image_size=policy.image_size, **spec)
-    success, steps_ok, chunk_ms, frames, final_states = [], [], [], [], []
+    success, steps_ok, chunk_ms, frames, final_states, outcomes = [], [], [], [], [], []
     for i in tqdm(range(first, last), desc=f"{suite}", disable=not progress, unit="ep", leave=False):
         obs, info = env.reset(seed=base_seed + i)
         policy.reset()
         record = gif_path is not None and i < gif_episodes
+        z0 = _object_heights(env)
+        max_lift = np.zeros_like(z0)
         overlay = planner_overlay(policy, obs, info) if record else {}
         for t in range(env.cfg.max_steps):
             replans = policy.n_plans
@@ -115,12 +137,18 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
             if record:
                 frames.append(draw_frame(obs["image"], info["instruction"], overlay))
             obs, _, terminated, truncated, info = env.step(action)
+            max_lift = np.maximum(max_lift, _object_heights(env) - z0)
             if terminated or truncated:
                 break
         if record:
             frames.append(draw_frame(obs["image"], ("SUCCESS: " if info["success"] else "failure: ") + info["instruction"], {}))
             frames += frames[-1:] * 5  # hold the last frame
         success.append(bool(info["success"]))
+        target = env.scene["target_object"]
+        shape = env.scene["containers"][env.scene["target_container"]]["shape"]
+        over = np.hypot(*(info["object_pos"][:2] - info["container_pos"][:2])) <= sim.CONTAINER_INNER[shape]
+        outcomes.append(classify_episode(bool(info["success"]), float(max_lift[target]),
+                                         float(np.delete(max_lift, target).max(initial=0.0)), bool(over)))
         final_states.append([round(float(v), 6) for v in obs["state"]])
         if info["success"]:
             steps_ok.append(env.steps)
@@ -129,15 +157,17 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
         from PIL import Image
         ims = [Image.fromarray(f) for f in frames]
         ims[0].save(gif_path, save_all=True, append_images=ims[1:], duration=100, loop=0)
-    return {"success": success, "steps_ok": steps_ok, "chunk_ms": chunk_ms, "final_states": final_states}
+    return {"success": success, "steps_ok": steps_ok, "chunk_ms": chunk_ms, "final_states": final_states,
+            "outcomes": outcomes}
 
 
 def _worker(job: tuple) -> dict:
     """One worker process of run_suite: its own policy (1 thread) and its own simulator and renderer."""
     from model import Policy
 
-    ckpt, suite, first, last, seed_offset, gif_path, gif_episodes = job
-    return run_episodes(Policy.load(ckpt), suite, first, last, seed_offset, gif_path, gif_episodes, progress=False)
+    ckpt, replan_every, suite, first, last, seed_offset, gif_path, gif_episodes = job
+    return run_episodes(Policy.load(ckpt, replan_every=replan_every), suite, first, last, seed_offset, gif_path,
+                        gif_episodes, progress=False)
 
 
 def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path: str | None = None,
@@ -151,7 +181,8 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
         import multiprocessing as mp
 
         cuts = np.linspace(0, episodes, workers + 1).astype(int)
-        jobs = [(ckpt, suite, int(a), int(b), seed_offset, gif_path if k == 0 else None, gif_episodes)
+        replan_every = policy.replan_every if policy is not None else 0  # 0: the checkpoint's default
+        jobs = [(ckpt, replan_every, suite, int(a), int(b), seed_offset, gif_path if k == 0 else None, gif_episodes)
                 for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
         # spawn, not fork: a forked child would inherit the parent's OpenGL context and torch threads
         pool = mp.get_context("spawn").Pool(workers)
@@ -166,6 +197,7 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
     return {"success_rate": wins / episodes, "successes": wins, "episodes": episodes, "ci95": [lo, hi],
             "mean_steps_to_success": float(np.mean(raw["steps_ok"])) if raw["steps_ok"] else None,
             "ms_per_chunk": float(np.median(raw["chunk_ms"])) if raw["chunk_ms"] else None,
+            "outcomes": {o: raw["outcomes"].count(o) for o in OUTCOMES},  # what happened (classify_episode)
             "final_states": raw["final_states"]}  # the arm's last joint angles per episode (a fingerprint)
 
 
@@ -246,15 +278,16 @@ def plot_curves(ckpts: list, names: list, path: str):
 
 
 def evaluate(ckpts: list, names: list, suites: list, episodes: int, seed: int, out: str, grounding_dir: str,
-             progress: bool = True, gifs: int = 3, workers: int = 1) -> dict:
+             progress: bool = True, gifs: int = 3, workers: int = 1, replan_every: int = 0) -> dict:
     from model import Policy
 
     os.makedirs(out, exist_ok=True)
     results = {"machine": machine(), "episodes_per_suite": episodes, "seed": seed, "workers": workers,
+               "replan_every": replan_every or "chunk_len // 2",
                "suites": {s: {} for s in suites},
                "grounding": {}, "checkpoints": dict(zip(names, ckpts))}
     for ck, name in zip(ckpts, names):
-        policy = Policy.load(ck)
+        policy = Policy.load(ck, replan_every=replan_every)
         for s in suites:
             t0 = time.time()
             r = run_suite(policy, s, episodes, seed, os.path.join(out, f"{s}_{name}.gif") if gifs else None,
@@ -281,6 +314,10 @@ def print_table(results: dict, names: list):
         cells = [f"{100 * row[n]['success_rate']:5.1f}% [{100 * row[n]['ci95'][0]:4.1f},{100 * row[n]['ci95'][1]:5.1f}]"
                  for n in names]
         print(f"{s:>12s} | " + " | ".join(f"{c:>22s}" for c in cells))
+    print("what happened, per suite (episodes):")
+    for s, row in results["suites"].items():
+        for n in names:
+            print(f"{s:>12s} {n:>10s}: " + ", ".join(f"{o} {c}" for o, c in row[n]["outcomes"].items()))
     ms = [next((r[n]["ms_per_chunk"] for r in results["suites"].values() if r[n]["ms_per_chunk"]), None) for n in names]
     print(f"{'ms/chunk':>12s} | " + " | ".join(f"{m:22.1f}" if m else f"{'-':>22s}" for m in ms))
     if results["grounding"]:
@@ -300,6 +337,7 @@ ABLATION = {  # name -> extra flags for train_action.py
     "no_prompt": ["--no-spatial-prompt"],
     "no_cotrain": ["--no-cotrain"],
     "no_decay": ["--grad-decay", "1.0"],
+    "no_state": ["--no-use-state"],
 }
 
 
@@ -357,6 +395,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes that share a suite's episodes (default: 2, one per core of a laptop)")
     p.add_argument("--seed", type=int, default=0, help="offset added to every suite's fixed seeds")
+    p.add_argument("--replan-every", type=int, default=0,
+                   help="actions executed from each predicted chunk before planning again (default chunk_len // 2)")
     p.add_argument("--out", default="", help="output folder (default out/eval, or out/pipeline with --pipeline)")
     p.add_argument("--preset", default="default", choices=["smoke", "default", "full"], help="pipeline size")
     p.add_argument("--pipeline", action="store_true", help="run data -> stage 1 -> stage 2 -> eval")
@@ -389,7 +429,7 @@ def main(argv=None):
                       + ", ".join(f"{k} {v:.1f}" for k, v in e.items()))
         return None
     return evaluate(args.ckpt, names, args.suites, args.episodes or 200, args.seed, args.out or "out/eval",
-                    args.grounding_dir, not args.no_progress, args.gifs, args.workers)
+                    args.grounding_dir, not args.no_progress, args.gifs, args.workers, args.replan_every)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ expert, while grounding keeps being trained:
     python train_action.py --variant vanilla --out out/vanilla  # the paper's "vanilla VLA" ablation
     python train_action.py --no-cotrain --out out/no_cotrain  # any single component off (also
                                                               # --no-spatial-prompt, --no-from-stage1,
-                                                              # --grad-decay 1.0, --use-state)
+                                                              # --grad-decay 1.0, --no-use-state)
     torchrun --nproc_per_node 4 train_action.py --preset full # several GPUs (PyTorch DDP)
 
 Variants (the paper's ablation): `m1` = stage-1 planner + spatial prompt + co-training + gradient decay;
@@ -54,7 +54,9 @@ class Config:
     cotrain: bool = True         # a grounding batch every step, weighted by grounding_weight
     grad_decay: float = 0.5      # scale of the action loss's gradient into the planner
     grounding_weight: float = 0.1
-    use_state: bool = False      # give the DiT the robot's joint state (the paper leaves it out)
+    relative_actions: bool = False  # predict each chunk relative to the joint state (data.DemoDataset); no gain (README)
+    use_state: bool = True       # give the DiT the robot's joint state (the paper's released models leave it
+                                 # out; at 96x96 px the wrist roll and jaw are too small to read, see README)
     demos: int = 400             # expert episodes to record (failed ones are dropped)
     image_size: int = 96
     chunk_len: int = 8           # Hc: future actions per prediction
@@ -149,7 +151,7 @@ def main(argv=None):
     ckpt_dir = os.path.join(cfg.out, "ckpt")
     log(f"stage 2 (actions), variant {cfg.variant}, preset {cfg.preset}, device {device} x{world}, "
         f"from_stage1={cfg.from_stage1} spatial_prompt={cfg.spatial_prompt} cotrain={cfg.cotrain} "
-        f"grad_decay={cfg.grad_decay} use_state={cfg.use_state}")
+        f"grad_decay={cfg.grad_decay} use_state={cfg.use_state} relative_actions={cfg.relative_actions}")
 
     # -- data: expert demonstrations (made once, resumable) and the stage-1 grounding set for co-training ----
     tok = data.get_tokenizer()
@@ -162,8 +164,10 @@ def main(argv=None):
     with open(os.path.join(demo_dir, "norm_stats.json")) as f:
         stats = json.load(f)
     train_eps, val_eps = data.split_episodes(episodes)  # 5% of episodes held out for a validation loss
-    train_set = data.DemoDataset(train_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt)
-    val_set = data.DemoDataset(val_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt)
+    if cfg.relative_actions:  # per-step ranges of (action - state), from the training episodes only
+        stats = {**stats, "delta": data.compute_delta_stats(train_eps, cfg.chunk_len)}
+    train_set = data.DemoDataset(train_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions)
+    val_set = data.DemoDataset(val_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions)
     log(f"demos: {len(episodes)} successful episodes, {len(train_set)} training frames, {len(val_set)} validation")
     ground_set = None
     if cfg.cotrain:
@@ -218,7 +222,8 @@ def main(argv=None):
         save_checkpoint(ckpt_dir, model, {
             "stage": 2, "step": step, "variant": cfg.variant, "train_config": asdict(cfg),
             "image_size": cfg.image_size, "spatial_prompt": cfg.spatial_prompt, "chunk_len": cfg.chunk_len,
-            "use_state": cfg.use_state, "norm_stats": stats, "tokenizer": data.ranks_to_json(data.load_ranks()),
+            "use_state": cfg.use_state, "relative_actions": cfg.relative_actions, "norm_stats": stats,
+            "tokenizer": data.ranks_to_json(data.load_ranks()),
             "history": history, "val_history": val_history})
         save_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
 

@@ -59,7 +59,10 @@ def test_labels_agree_with_the_scene():
             box = info["boxes"][f"{ob['colour']} {ob['shape']}"]
             assert box[0] <= centre[0] <= box[2] and box[1] <= centre[1] <= box[3]
         box_answers = [data.parse_box(q["answer"]) for q in qa if q["kind"] == "box"]
-        assert len(box_answers) == len(sc["objects"]) + len(sc["containers"])
+        assert len(box_answers) == len(sc["objects"]) + len(sc["containers"]) + 1  # + the spatial prompt's
+        # the spatial prompt (the stage-2 text) is answered with the box of the object the task picks up
+        key = [q for q in qa if q["question"] == data.SPATIAL_PROMPT.format(instruction=info["instruction"])]
+        assert len(key) == 1 and np.allclose(data.parse_box(key[0]["answer"]), np.round(info["target_box"]), atol=1)
         place = [q for q in qa if q["kind"] == "place"][0]
         assert data.in_box(data.parse_point(place["answer"]), info["container_box"], 96)
         trace = data.parse_trace([q for q in qa if q["kind"] == "trace"][0]["answer"])
@@ -90,7 +93,7 @@ def test_curriculum_tables_have_one_object_and_one_container(tmp_path):
     _, qa = data.load_grounding(d)
     for i in range(4):
         boxes = [q for q in qa if q["image"] == i and q["kind"] == "box"]
-        assert len(boxes) == 2  # one box question per item on the table
+        assert len(boxes) == 3  # one box question per item on the table, and the spatial prompt's
 
 
 def test_collate_packs_questions_and_aligns_targets(tok):
@@ -135,6 +138,24 @@ def test_normalisation_round_trip():
     inside = np.abs(n) < 1.5
     assert np.allclose(data.unnormalize(n, stats["action"])[inside], x[inside], atol=1e-5)
     assert np.allclose(np.percentile(data.normalize(eps[0]["actions"], stats["action"]), [1, 99], axis=0), [[-1] * 6, [1] * 6], atol=1e-5)
+
+
+def test_relative_chunks_add_back_to_the_expert_actions(tok):
+    rng = np.random.default_rng(0)
+    T, H = 12, 4
+    states = np.cumsum(rng.normal(size=(T, 6)), 0).astype(np.float32)
+    eps = [{"actions": states + rng.normal(0, 0.1, (T, 6)).astype(np.float32), "states": states,
+            "images": np.zeros((T, 16, 16, 3), np.uint8), "instruction": "put the red cube in the blue bowl"}]
+    stats = {**data.compute_norm_stats(eps), "delta": data.compute_delta_stats(eps, H)}
+    assert np.array(stats["delta"]["low"]).shape == (H, 6)  # a range per chunk step and joint
+    ds = data.DemoDataset(eps, tok, stats, H, relative=True)
+    for t in (0, 5, T - 1):  # the last frames repeat the final action
+        e, tt, chunk, _ = ds[t]
+        idx = np.minimum(np.arange(t, t + H), T - 1)
+        back = data.unnormalize(chunk, stats["delta"]) + states[t]
+        inside = np.abs(chunk) < 1.5  # normalize() clips beyond 1.5
+        assert np.allclose(back[inside], eps[0]["actions"][idx][inside], atol=1e-4)
+    assert np.abs(chunk).max() <= 1.5
 
 
 def test_metrics_known_values():

@@ -1,4 +1,4 @@
-"""eval.py: the Wilson interval, and the whole smoke pipeline end to end (data -> stage 1 -> stage 2 -> eval)."""
+"""eval.py: the Wilson interval, failure modes, open-loop error, and the whole smoke pipeline end to end."""
 import json
 import os
 import subprocess
@@ -32,7 +32,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         res = json.load(f)
     for suite in ("seen", "unseen", "distractors"):
         row = res["suites"][suite]["m1"]
-        for key in ("success_rate", "successes", "episodes", "ci95", "mean_steps_to_success", "ms_per_chunk"):
+        for key in ("success_rate", "successes", "episodes", "ci95", "mean_steps_to_success", "ms_per_chunk", "outcomes"):
             assert key in row
         assert row["episodes"] == 2 and 0 <= row["ci95"][0] <= row["success_rate"] <= row["ci95"][1] <= 1
     assert {"machine", "grounding", "timings_seconds"} <= set(res)
@@ -70,3 +70,28 @@ def test_open_loop_error_is_zero_for_the_expert_and_measures_an_offset_in_degree
     assert exact["chunks"] == len(range(0, 30 - 4, 4)) and all(exact[j] == 0.0 for j in evaluation.sim.JOINT_NAMES)
     off = evaluation.open_loop_error(Replay(np.array([0.1, 0, 0, 0, 0, -0.2])), [ep])
     assert off["shoulder_pan"] == pytest.approx(np.degrees(0.1)) and off["gripper"] == pytest.approx(np.degrees(0.2))
+
+
+def test_failure_modes_are_named_from_object_heights():
+    c = evaluation.classify_episode
+    assert c(True, 0.08, 0.0, True) == "success"
+    assert c(False, 0.08, 0.0, True) == "target placed, not released"
+    assert c(False, 0.08, 0.0, False) == "target lifted, not placed"
+    assert c(False, 0.01, 0.06, False) == "wrong object lifted"  # a 1 cm nudge of the target is not a lift
+    assert c(False, 0.0, 0.0, False) == "nothing lifted"
+
+
+def test_an_arm_that_holds_still_lifts_nothing():
+    import numpy as np
+
+    class Still:  # a stand-in policy: keep every joint where it is
+        image_size, n_plans = 48, 0
+
+        def reset(self):
+            pass
+
+        def act(self, obs, instruction):
+            return np.asarray(obs["state"], np.float32)
+
+    r = evaluation.run_episodes(Still(), "seen", 0, 2, progress=False)
+    assert r["success"] == [False, False] and r["outcomes"] == ["nothing lifted"] * 2

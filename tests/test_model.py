@@ -42,7 +42,7 @@ def tiny_planner_config(**kw):
 
 
 def tiny_action_config(**kw):
-    c = dict(chunk_len=4, action_dim=6, d_model=32, n_layers=2, n_heads=2, n_queries=4)
+    c = dict(chunk_len=4, action_dim=6, d_model=32, n_layers=2, n_heads=2, n_queries=4, use_state=False)
     c.update(kw)
     return ActionExpertConfig(**c)
 
@@ -367,3 +367,23 @@ def test_missing_checkpoint_says_how_to_make_one(tmp_path):
         load_checkpoint(tmp_path / "nothing_here")
     with pytest.raises(ValueError, match="model"):
         save_checkpoint(tmp_path / "x", Planner(tiny_planner_config()), {"model": "mine"})
+
+
+def test_policy_adds_a_relative_chunk_to_the_current_state():
+    import numpy as np
+
+    import data
+    from model import Policy
+
+    tok = data.get_tokenizer()
+    vla = VLA(tiny_planner_config(vocab_size=tok.n_vocab, max_text_len=64), tiny_action_config(use_state=True))
+    stats = {"action": {"low": [-1.0] * 6, "high": [1.0] * 6}, "state": {"low": [-2.0] * 6, "high": [2.0] * 6},
+             "delta": {"low": [[-0.1] * 6] * 4, "high": [[0.3] * 6] * 4}}
+    config = {"tokenizer": data.ranks_to_json(data.load_ranks()), "image_size": 24, "spatial_prompt": False,
+              "use_state": True, "norm_stats": stats, "chunk_len": 4}
+    obs = {"image": np.zeros((24, 24, 3), np.uint8), "state": np.linspace(-1, 1, 6).astype(np.float32)}
+    absolute = Policy(vla, config, threads=0).predict_chunk(obs, "put the red cube in the blue bowl")
+    relative = Policy(vla, {**config, "relative_actions": True}, threads=0).predict_chunk(obs, "put the red cube in the blue bowl")
+    # the same network output (same seed), read once as absolute targets and once as deltas from the state
+    raw = data.normalize(absolute, stats["action"])
+    assert np.allclose(relative, data.unnormalize(raw, stats["delta"]) + obs["state"], atol=1e-5)
