@@ -37,7 +37,11 @@ SUITES = {
     "seen": dict(split="train", seed=10_000_000),
     "unseen": dict(split="test", seed=20_000_000),
     "distractors": dict(split="train", seed=30_000_000, n_objects=(5, 5)),
+    # a diagnostic, not part of the pipeline's table: one object and one container, so there is nothing to
+    # confuse the target with -- failures here are control (reach, grasp, carry), not telling objects apart
+    "single": dict(split="train", seed=40_000_000, n_objects=(1, 1), n_containers=(1, 1)),
 }
+MAIN_SUITES = ["seen", "unseen", "distractors"]  # the paper-style table (the pipeline's default)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple:
@@ -390,7 +394,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", nargs="+", default=[], help="stage-2 checkpoint folder(s); several give a side-by-side table")
     p.add_argument("--names", nargs="+", default=[], help="a short name per checkpoint (default: its parent folder)")
-    p.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
+    p.add_argument("--suites", nargs="+", default=MAIN_SUITES, choices=list(SUITES),
+                   help="which suites (default: %(default)s; 'single' = one object, one container, a diagnostic)")
     p.add_argument("--episodes", type=int, default=0, help="episodes per suite (default 200; pipeline smoke: 4)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes that share a suite's episodes (default: 2, one per core of a laptop)")

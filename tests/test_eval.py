@@ -93,5 +93,5 @@ def test_an_arm_that_holds_still_lifts_nothing():
         def act(self, obs, instruction):
             return np.asarray(obs["state"], np.float32)
 
-    r = evaluation.run_episodes(Still(), "seen", 0, 2, progress=False)
+    r = evaluation.run_episodes(Still(), "single", 0, 2, progress=False)  # one object, one container
     assert r["success"] == [False, False] and r["outcomes"] == ["nothing lifted"] * 2
