@@ -57,9 +57,9 @@ TRACE_POINTS = 5  # points in a trace answer: start, above the object, the grasp
 BOX_QUESTIONS = ("where is the {name}?", "give the box of the {name}.", "locate the {name}.", "find the {name}.")
 POINT_QUESTIONS = ("point to the {name}.", "where is the center of the {name}?")
 PLACE_QUESTIONS = ("{instruction}. point to where it should go.", "to {instruction}, where should it be placed?")
+TRACE_QUESTIONS = ("show the path the gripper takes to {instruction}.", "{instruction}. draw the gripper path.")
 QUESTIONS_VERSION = 2  # bumped whenever scene_questions changes, so old grounding folders are not mixed in
                        # (2: the spatial prompt answered with the key object's box)
-TRACE_QUESTIONS = ("show the path the gripper takes to {instruction}.", "{instruction}. draw the gripper path.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -564,11 +564,15 @@ def compute_norm_stats(episodes: list) -> dict:
     return stats
 
 
+def chunk_actions(episode: dict, t: int, chunk: int) -> np.ndarray:
+    """The next `chunk` actions from time t: (chunk, 6) radians. Past the episode's end the last action
+    repeats ("stay there")."""
+    return episode["actions"][np.minimum(np.arange(t, t + chunk), len(episode["actions"]) - 1)]
+
+
 def chunk_deltas(episode: dict, t: int, chunk: int) -> np.ndarray:
-    """The next `chunk` actions from time t, relative to the joint state at t: (chunk, 6) radians.
-    Past the episode's end the last action repeats ("stay there")."""
-    idx = np.minimum(np.arange(t, t + chunk), len(episode["actions"]) - 1)
-    return episode["actions"][idx] - episode["states"][t]
+    """chunk_actions relative to the joint state at t: (chunk, 6) radians."""
+    return chunk_actions(episode, t, chunk) - episode["states"][t]
 
 
 def compute_delta_stats(episodes: list, chunk: int) -> dict:
@@ -624,8 +628,7 @@ class DemoDataset(torch.utils.data.Dataset):
         state = normalize(ep["states"][t], self.stats["state"])
         if self.relative:
             return e, t, normalize(chunk_deltas(ep, t, self.chunk), self.stats["delta"]), state
-        idx = np.minimum(np.arange(t, t + self.chunk), len(ep["actions"]) - 1)
-        return e, t, normalize(ep["actions"][idx], self.stats["action"]), state
+        return e, t, normalize(chunk_actions(ep, t, self.chunk), self.stats["action"]), state
 
     def collate(self, batch):
         images = preprocess_image(np.stack([self.eps[e]["images"][t] for e, t, _, _ in batch]), self.image_size)

@@ -149,10 +149,9 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
             frames += frames[-1:] * 5  # hold the last frame
         success.append(bool(info["success"]))
         target = env.scene["target_object"]
-        shape = env.scene["containers"][env.scene["target_container"]]["shape"]
-        over = np.hypot(*(info["object_pos"][:2] - info["container_pos"][:2])) <= sim.CONTAINER_INNER[shape]
         outcomes.append(classify_episode(bool(info["success"]), float(max_lift[target]),
-                                         float(np.delete(max_lift, target).max(initial=0.0)), bool(over)))
+                                         float(np.delete(max_lift, target).max(initial=0.0)),
+                                         env.target_over_container()))
         final_states.append([round(float(v), 6) for v in obs["state"]])
         if info["success"]:
             steps_ok.append(env.steps)

@@ -552,12 +552,15 @@ class SO100Env:
         """The target object rests inside/on the target container and the jaws no longer touch it."""
         m, d = self.model, self.data
         ob = m.body(f"obj{self.scene['target_object']}").id
-        co = self.scene["containers"][self.scene["target_container"]]
-        p = d.xpos[ob]
-        inside = math.hypot(p[0] - co["pos"][0], p[1] - co["pos"][1]) <= CONTAINER_INNER[co["shape"]]
-        low = p[2] < 0.045             # resting, not held in the air
+        low = d.xpos[ob][2] < 0.045             # resting, not held in the air
         still = np.linalg.norm(d.cvel[ob][3:]) < 0.05
-        return bool(inside and low and still and not self._touches_gripper(ob))
+        return bool(self.target_over_container() and low and still and not self._touches_gripper(ob))
+
+    def target_over_container(self) -> bool:
+        """The target object is within the target container's rim (seen from above), at any height."""
+        p = self.data.xpos[self.model.body(f"obj{self.scene['target_object']}").id]
+        co = self.scene["containers"][self.scene["target_container"]]
+        return math.hypot(p[0] - co["pos"][0], p[1] - co["pos"][1]) <= CONTAINER_INNER[co["shape"]]
 
     def _touches_gripper(self, body_id: int) -> bool:
         m, d = self.model, self.data
