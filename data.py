@@ -508,15 +508,36 @@ def read_demo_episodes(root: str, successful_only: bool = True) -> list:
     return episodes
 
 
+def demo_noise_offsets(rng: np.random.Generator, n_steps: int, noise: float, hold=(3, 6), p_on: float = 0.5):
+    """DART-style perturbations for the expert's executed actions: (n_steps, 6) joint offsets in radians.
+    Offsets are held for 3-6 steps (a servo follows a one-step blip at once, so white noise would barely move
+    the arm), switched on for about half of those segments, Gaussian with std `noise` on the 5 arm joints and
+    never on the jaw (the jaw's command is the grasp itself)."""
+    out, t = np.zeros((n_steps, 6), np.float32), 0
+    while t < n_steps:
+        k = int(rng.integers(hold[0], hold[1] + 1))
+        if rng.random() < p_on:
+            out[t:t + k, :5] = rng.normal(0, noise, 5)
+        t += k
+    return out
+
+
 def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: int = 0, image_size: int = 96,
-                   progress: bool = True) -> str:
+                   progress: bool = True, noise: float = 0.0) -> str:
     """Run the scripted expert for n_episodes seeds and keep every episode (failed ones are marked so a resumed
-    run does not redo them; training reads only successful ones). Writes norm_stats.json at the end."""
+    run does not redo them; training reads only successful ones). Writes norm_stats.json at the end.
+
+    noise > 0 records DART-style demonstrations (Laskey et al. 2017): the arm executes the expert's action plus
+    a held random offset (demo_noise_offsets), but the *expert's* action is what is recorded. The frames then
+    show the arm a little off the expert's path while the labels lead back to it: the recovery data a scripted
+    expert that never misses cannot give otherwise, and the joint state no longer predicts the next action
+    by itself, so the policy has to look at the image (README, "why the policy missed")."""
     import sim
     from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
-    _check_meta(out_dir, dict(n_episodes=n_episodes, split=split, seed=seed, image_size=image_size))
+    meta = dict(n_episodes=n_episodes, split=split, seed=seed, image_size=image_size)
+    _check_meta(out_dir, {**meta, "noise": noise} if noise else meta)  # noise-free folders keep their old meta
     env = sim.SO100Env(image_size=image_size, split=split)
     for i in tqdm(range(n_episodes), desc=f"demos {split}", disable=not progress, unit="ep"):
         if os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz")):
@@ -525,8 +546,9 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
         expert = sim.ScriptedExpert(env)
         expert.reset()
         trace = trace_label(info)
+        offsets = demo_noise_offsets(np.random.default_rng(_scene_seed(seed, split, i) + 2), env.cfg.max_steps, noise)
         rec = {k: [] for k in ("images", "states", "actions", "target_box", "container_box", "target_point")}
-        for _ in range(env.cfg.max_steps):
+        for step in range(env.cfg.max_steps):
             action = expert.act(obs, info)
             rec["images"].append(obs["image"])
             rec["states"].append(obs["state"])
@@ -534,7 +556,7 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
             rec["target_box"].append(info["target_box"])
             rec["container_box"].append(info["container_box"])
             rec["target_point"].append(info["target_point"])
-            obs, _, terminated, truncated, info = env.step(action)
+            obs, _, terminated, truncated, info = env.step(action + offsets[step])  # executed != recorded
             if terminated or truncated:
                 break
         ep = {k: np.asarray(v, np.uint8 if k == "images" else np.float32) for k, v in rec.items()}
@@ -601,6 +623,9 @@ def split_episodes(episodes: list) -> tuple:
     return episodes[n_val:], episodes[:n_val]
 
 
+EARLY_STEPS = 8  # "the start of an episode" for DemoDataset.sample_indices (the approach takes 8-18 steps)
+
+
 class DemoDataset(torch.utils.data.Dataset):
     """Items are (episode, time) pairs; each gives the image and state at t and the chunk of the next
     `chunk` actions (repeating the last action past the episode's end, i.e. "stay there").
@@ -608,13 +633,15 @@ class DemoDataset(torch.utils.data.Dataset):
     (compute_delta_stats); otherwise absolute joint targets normalised with stats["action"].
 
     collate -> images (B,3,H,W), tokens (B,L), pad_mask (B,L), actions (B,chunk,6) normalised,
-               state (B,6) normalised, and the frame's grounding labels for co-training.
+               state (B,6) normalised, where (B,4) object and container centres in [0, 1] (or None).
     """
 
     def __init__(self, episodes: list, tok: tiktoken.Encoding, stats: dict, chunk: int = 8,
                  spatial_prompt: bool = True, relative: bool = False):
         self.eps, self.tok, self.stats, self.chunk, self.relative = episodes, tok, stats, chunk, relative
         self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["actions"]))]
+        # the frames before the arm has moved much: only the image says where to go (see sample_indices)
+        self.early = np.array([i for i, (e, t) in enumerate(self.index) if t < EARLY_STEPS])
         self.image_size = episodes[0]["images"].shape[1]
         self.pad = tok.encode_single_token(PAD)
         self.prompts = [encode_prompt(tok, ep["instruction"], spatial_prompt) for ep in episodes]
@@ -630,12 +657,33 @@ class DemoDataset(torch.utils.data.Dataset):
             return e, t, normalize(chunk_deltas(ep, t, self.chunk), self.stats["delta"]), state
         return e, t, normalize(chunk_actions(ep, t, self.chunk), self.stats["action"]), state
 
+    def sample_indices(self, rng: np.random.Generator, n: int, early_fraction: float = 0.0) -> np.ndarray:
+        """n random items; about early_fraction of them from the first EARLY_STEPS frames of an episode.
+        Why: once the arm moves, its joint state (and its picture) already say where it is heading, so most
+        frames can be fitted by continuing the motion; the few frames at the start are the only ones where
+        the policy must find the object in the image, and uniform sampling gives them ~15% of the batch."""
+        idx = rng.integers(len(self.index), size=n)
+        if early_fraction > 0:
+            pick = rng.random(n) < early_fraction
+            idx[pick] = self.early[rng.integers(len(self.early), size=int(pick.sum()))]
+        return idx
+
     def collate(self, batch):
         images = preprocess_image(np.stack([self.eps[e]["images"][t] for e, t, _, _ in batch]), self.image_size)
         tokens, mask = pad_batch([self.prompts[e] for e, _, _, _ in batch], self.pad)
         actions = torch.from_numpy(np.stack([b[2] for b in batch]))  # (B, chunk, 6)
         state = torch.from_numpy(np.stack([b[3] for b in batch]))     # (B, 6)
-        return images, tokens, mask, actions, state
+        return images, tokens, mask, actions, state, self.where_labels(batch)
+
+    def where_labels(self, batch):
+        """(B, 4): centres of the key object's and the container's boxes at each frame, in [0, 1] of the
+        image (for the optional where head, model.VLA.where_loss); None when the episodes carry no boxes."""
+        if any("target_box" not in self.eps[e] for e, *_ in batch):
+            return None
+        boxes = np.stack([np.concatenate([self.eps[e]["target_box"][t], self.eps[e]["container_box"][t]])
+                          for e, t, _, _ in batch]).astype(np.float32)  # (B, 8) x1 y1 x2 y2, twice
+        centres = (boxes[:, [0, 1, 4, 5]] + boxes[:, [2, 3, 6, 7]]) / 2
+        return torch.from_numpy(centres / self.image_size)
 
 
 def demo_grounding_qa(episodes: list, rng: np.random.Generator, n: int, image_size: int):

@@ -121,6 +121,10 @@ class ActionExpertConfig:
     n_heads: int = 4
     n_queries: int = 16  # K latent planning queries (64 in the released code, fewer tokens here)
     query_layers: int = 1
+    # a linear "where" readout on the mean condition token, trained to say where the key object and the
+    # container are (see VLA.where_loss). Off in the paper; here the condition tokens otherwise carry almost
+    # no position (a linear probe finds R^2 ~0.15 for the object's x, README)
+    where_head: bool = False
     num_train_timesteps: int = 100
     dropout: float = 0.0
 
@@ -718,14 +722,26 @@ class VLA(nn.Module):
         self.queries = QueryTransformer(planner_config.d_model, a.d_model, a.n_queries, a.query_layers, a.n_heads,
                                         a.dropout)
         self.expert = ActionExpert(action_config)
+        self.where = nn.Linear(a.d_model, 4) if a.where_head else None
 
     def forward(self, images, tokens, pad_mask, actions_norm, state_norm=None, grad_decay=0.5, n_noise=4,
-                grounding=None):
-        """One co-training step's losses: (action loss, grounding loss or None). `grounding` is an optional
-        (images, tokens, targets, prefix_len) batch. Training goes through forward so DistributedDataParallel sees it."""
-        a_loss = self.action_loss(images, tokens, pad_mask, actions_norm, state_norm, grad_decay, n_noise)
+                grounding=None, where=None):
+        """One co-training step's losses: (action loss, grounding loss or None, where loss or None).
+        `grounding` is an optional (images, tokens, targets, prefix_len) batch; `where` (B, 4) the key object's
+        and the container's centres in [0, 1] image coordinates (needs where_head). Training goes through
+        forward so DistributedDataParallel sees it."""
+        cond = self.condition(images, tokens, pad_mask, grad_decay)  # (B, K, d_act), shared by both losses
+        a_loss = self.expert.loss(cond, actions_norm, state_norm, n_noise)
         g_loss = self.grounding_loss(*grounding) if grounding is not None else None
-        return a_loss, g_loss
+        w_loss = self.where_loss(cond, where) if where is not None else None
+        return a_loss, g_loss, w_loss
+
+    def where_loss(self, cond, where):
+        """Spatial guidance on the condition itself: the mean condition token must say, linearly, where the
+        key object and the container are. cond (B, K, d), where (B, 4) -> MSE in [0, 1] image units."""
+        if self.where is None:
+            raise ValueError("this VLA was built without where_head=True")
+        return F.mse_loss(self.where(cond.mean(1)), where)
 
     def grounding_loss(self, images, tokens, targets, prefix_len=None):
         """Stage 1 / co-training: next-token loss on the answer tokens; touches only the planner."""
@@ -752,9 +768,11 @@ class VLA(nn.Module):
         on matrices; biases, LayerNorms, position tables and queries are not decayed (nanoGPT's rule).
         Each group carries 'name' and 'base_lr' so a schedule can scale every lr by the same factor."""
         groups = []
+        other = nn.ModuleList([self.queries] + ([self.where] if self.where is not None else []))
         for name, module, lr in [("planner", self.planner, lr_planner), ("action", self.expert, lr_action),
-                                 ("other", self.queries, lr_other)]:
-            decay = [p for n, p in module.named_parameters() if p.dim() >= 2 and "pos" not in n and n != "queries"]
+                                 ("other", other, lr_other)]:
+            decay = [p for n, p in module.named_parameters()
+                     if p.dim() >= 2 and "pos" not in n and not n.endswith("queries")]
             ids = {id(p) for p in decay}
             no_decay = [p for p in module.parameters() if id(p) not in ids]
             groups.append(dict(name=name, params=decay, lr=lr, base_lr=lr, weight_decay=weight_decay))

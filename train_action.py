@@ -16,8 +16,10 @@ expert, while grounding keeps being trained:
                                                               # --grad-decay 1.0, --no-use-state)
     torchrun --nproc_per_node 4 train_action.py --preset full # several GPUs (PyTorch DDP)
 
-Variants (the paper's ablation): `m1` = stage-1 planner + spatial prompt + co-training + gradient decay;
-`vanilla` = the same networks trained on actions only, planner from scratch, bare instruction.
+Variants (the paper's ablation): `m1` = stage-1 planner + spatial prompt + co-training + gradient decay
+(+ a "where" readout of the condition tokens, ours: see model.VLA.where_loss); `vanilla` = the same networks
+trained on actions only, planner from scratch, bare instruction. Both learn from the same DART-style
+demonstrations (data.generate_demos, --demo-noise) with the same batches (--early-fraction).
 Both get the same number of steps and batch sizes: the same compute for the action loss.
 """
 
@@ -57,6 +59,11 @@ class Config:
     relative_actions: bool = False  # predict each chunk relative to the joint state (data.DemoDataset); no gain (README)
     use_state: bool = True       # give the DiT the robot's joint state (the paper's released models leave it
                                  # out; at 96x96 px the wrist roll and jaw are too small to read, see README)
+    where_weight: float = 10.0   # > 0: a where head on the condition tokens must say where the object and
+                                 # container are (model.VLA.where_loss); spatial guidance, so m1 only
+    early_fraction: float = 0.3  # share of each batch from the first data.EARLY_STEPS frames of an episode
+    demo_noise: float = 0.08     # DART: std (rad) of held offsets on the expert's executed actions
+                                 # (data.generate_demos); both variants learn from the same demonstrations
     demos: int = 400             # expert episodes to record (failed ones are dropped)
     image_size: int = 96
     chunk_len: int = 8           # Hc: future actions per prediction
@@ -94,8 +101,8 @@ PRESETS = {
     "full": dict(demos=1500, max_steps=10000, eval_interval=1000),
 }
 VARIANTS = {
-    "m1": dict(from_stage1=True, spatial_prompt=True, cotrain=True, grad_decay=0.5),
-    "vanilla": dict(from_stage1=False, spatial_prompt=False, cotrain=False, grad_decay=1.0),
+    "m1": dict(from_stage1=True, spatial_prompt=True, cotrain=True, grad_decay=0.5, where_weight=10.0),
+    "vanilla": dict(from_stage1=False, spatial_prompt=False, cotrain=False, grad_decay=1.0, where_weight=0.0),
 }
 
 
@@ -155,9 +162,10 @@ def main(argv=None):
 
     # -- data: expert demonstrations (made once, resumable) and the stage-1 grounding set for co-training ----
     tok = data.get_tokenizer()
-    demo_dir = os.path.join(cfg.data_dir, f"demos_train_{cfg.image_size}")
+    demo_dir = os.path.join(cfg.data_dir, f"demos_train_{cfg.image_size}" + (f"_noise{cfg.demo_noise:g}" if cfg.demo_noise else ""))
     if master:
-        data.generate_demos(demo_dir, cfg.demos, "train", cfg.seed, cfg.image_size, progress=cfg.progress)
+        data.generate_demos(demo_dir, cfg.demos, "train", cfg.seed, cfg.image_size, progress=cfg.progress,
+                            noise=cfg.demo_noise)
     if ddp:
         dist.barrier()
     episodes = data.read_demo_episodes(demo_dir)[: cfg.demos]
@@ -186,7 +194,7 @@ def main(argv=None):
 
     # -- model -------------------------------------------------------------------------------------------
     acfg = ActionExpertConfig(chunk_len=cfg.chunk_len, use_state=cfg.use_state, d_model=cfg.d_action,
-                              n_layers=cfg.action_layers, n_queries=cfg.n_queries)
+                              n_layers=cfg.action_layers, n_queries=cfg.n_queries, where_head=cfg.where_weight > 0)
     if cfg.from_stage1:
         model, s1_config, fresh = VLA.from_planner_checkpoint(cfg.stage1, acfg)
         log(f"planner from {cfg.stage1} (stage-1 step {s1_config.get('step')}); {len(fresh)} fresh tensors")
@@ -212,6 +220,9 @@ def main(argv=None):
         load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt, all_params)
         step, history, val_history = ck["step"], ck["history"], ck["val_history"]
         log(f"resumed from {ckpt_dir} at step {step}")
+        if step >= cfg.max_steps and os.path.exists(os.path.join(cfg.out, "train_summary.json")):
+            log(f"already trained to {step} steps; nothing to do")  # keeps the finished run's summary
+            return
     # under torchrun: DDP averages gradients across processes during backward (some parameters, e.g. the
     # planner's output head without co-training, get no gradient in a step: find_unused_parameters)
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
@@ -235,7 +246,8 @@ def main(argv=None):
         idx = torch.randperm(len(val_set), generator=g)[:256].tolist()
         losses = []
         for s in range(0, len(idx), 64):
-            images, tokens, mask, actions, state = (x.to(device) for x in val_set.collate([val_set[i] for i in idx[s:s + 64]]))
+            images, tokens, mask, actions, state, _ = val_set.collate([val_set[i] for i in idx[s:s + 64]])
+            images, tokens, mask, actions, state = (x.to(device) for x in (images, tokens, mask, actions, state))
             torch.manual_seed(1)
             losses.append(model.action_loss(images, tokens, mask, actions, state if cfg.use_state else None, 1.0, 1).item())
         model.train()
@@ -251,17 +263,21 @@ def main(argv=None):
         scale = lr_scale(step, cfg)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
-        batch = train_set.collate([train_set[i] for i in rng.integers(len(train_set), size=cfg.batch_size)])
-        images, tokens, mask, actions, state = (x.to(device) for x in batch)
+        batch = train_set.collate([train_set[i] for i in train_set.sample_indices(rng, cfg.batch_size, cfg.early_fraction)])
+        images, tokens, mask, actions, state, where = batch
+        images, tokens, mask, actions, state = (x.to(device) for x in (images, tokens, mask, actions, state))
+        where = where.to(device) if cfg.where_weight > 0 else None
         grounding = None
         if cfg.cotrain:  # co-training: a grounding batch every step, next-token loss on the answers
             gb = ground_set.collate([ground_set[i] for i in rng.integers(len(ground_set), size=cfg.grounding_batch)])
             grounding = tuple(x.to(device) for x in gb)
         # the action loss's gradient reaches the planner scaled by grad_decay (model.scale_grad)
-        a_loss, g_loss = net(images, tokens, mask, actions, state if cfg.use_state else None, cfg.grad_decay,
-                             cfg.n_noise, grounding)
+        a_loss, g_loss, w_loss = net(images, tokens, mask, actions, state if cfg.use_state else None, cfg.grad_decay,
+                                     cfg.n_noise, grounding, where)
         loss = a_loss if g_loss is None else a_loss + cfg.grounding_weight * g_loss
+        loss = loss if w_loss is None else loss + cfg.where_weight * w_loss
         g_loss = torch.zeros(()) if g_loss is None else g_loss
+        w_loss = torch.zeros(()) if w_loss is None else w_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()  # under DDP, gradients are averaged across processes here
         torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)
@@ -271,9 +287,10 @@ def main(argv=None):
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             dt = (time.time() - t_last) / cfg.log_interval
             t_last = time.time()
-            history.append({"step": step, "action_loss": a_loss.item(), "grounding_loss": g_loss.item()})
+            history.append({"step": step, "action_loss": a_loss.item(), "grounding_loss": g_loss.item(),
+                            "where_loss": w_loss.item()})
             if master:
-                tqdm.write(f"step {step:6d} | action {a_loss.item():.4f} | grounding {g_loss.item():.4f} | "
+                tqdm.write(f"step {step:6d} | action {a_loss.item():.4f} | grounding {g_loss.item():.4f} | where {w_loss.item():.4f} | "
                            f"lr x{scale:.2f} | {dt * 1000:.0f} ms/step | "
                            f"{cfg.batch_size * world / dt:.0f} samples/s | eta {dt * (cfg.max_steps - step) / 60:.1f} min")
         if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and master:

@@ -239,6 +239,11 @@ def main(argv=None):
         load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt, decay + no_decay)
         step, history, evals = ck["step"], ck["history"], ck["evals"]
         print(f"resumed from {ckpt_dir} at step {step}")
+        done = os.path.join(cfg.out, "metrics.json")
+        if step >= cfg.max_steps and os.path.exists(done):  # finished earlier: keep its measured numbers
+            print(f"already trained to {step} steps; nothing to do (results in {done})")
+            with open(done) as f:
+                return json.load(f)
 
     def checkpoint(metrics=None):
         save_checkpoint(ckpt_dir, model, {

@@ -214,3 +214,22 @@ def test_unpacked_rows_put_the_question_in_the_prefix(tok):
     n_q = len(data.encode_question(tok, qa[0]["question"]))
     assert prefix_len.tolist() == [n_q] and tokens[0, n_q - 1].item() == tok.encode_single_token(data.ANSWER)
     assert targets[0, n_q - 1:].tolist() == tok.encode("(5,6)") + [tok.encode_single_token(data.EOT)]
+
+
+def test_early_sampling_and_where_labels(tok):
+    """sample_indices(early_fraction=1) draws only the first EARLY_STEPS frames; where labels are the box
+    centres in [0, 1]."""
+    T = 20
+    boxes = np.tile(np.array([[10, 20, 30, 40]], np.float32), (T, 1))
+    eps = [{"actions": np.zeros((T, 6), np.float32), "states": np.zeros((T, 6), np.float32),
+            "images": np.zeros((T, 16, 16, 3), np.uint8), "instruction": "put the red cube in the blue bowl",
+            "target_box": boxes, "container_box": boxes + 4} for _ in range(3)]
+    stats = data.compute_norm_stats(eps)
+    ds = data.DemoDataset(eps, tok, stats, 4)
+    rng = np.random.default_rng(0)
+    assert all(ds.index[i][1] < data.EARLY_STEPS for i in ds.sample_indices(rng, 200, early_fraction=1.0))
+    assert max(ds.index[i][1] for i in ds.sample_indices(rng, 200)) >= data.EARLY_STEPS  # uniform otherwise
+    *_, where = ds.collate([ds[0], ds[5]])
+    assert torch.allclose(where, torch.tensor([[20, 30, 24, 34]] * 2) / 16)
+    del eps[1]["target_box"]
+    assert ds.collate([ds[0], ds[T]])[-1] is None  # an episode without boxes: no labels

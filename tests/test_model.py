@@ -330,6 +330,30 @@ def test_a_few_steps_lower_both_losses():
     assert a1 < 0.7 * a0, (a0, a1)
 
 
+def test_where_head_learns_positions_and_reaches_the_planner():
+    """The optional where head reads the condition tokens; its loss trains queries AND planner (x grad_decay),
+    and a few steps fit a tiny batch's object/container centres."""
+    torch.manual_seed(0)
+    vla = VLA(tiny_planner_config(), tiny_action_config(where_head=True))
+    images, tokens, pad_mask, _, actions, _ = tiny_batch()
+    where = torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
+    a_loss, g_loss, w_loss = vla(images, tokens, pad_mask, actions, None, 0.5, 2, None, where)
+    assert g_loss is None and torch.isfinite(a_loss) and torch.isfinite(w_loss)
+    w_loss.backward()
+    assert vla.planner.lm_blocks[-1].attn.qkv.weight.grad.abs().sum() > 0  # the where loss shapes the planner too
+    assert vla.expert.out.weight.grad is None  # ... but never touches the action expert
+    opt = torch.optim.AdamW(vla.param_groups(3e-3, 3e-3, 3e-3, 0.0), betas=(0.9, 0.95))
+    w0 = w_loss.item()
+    for _ in range(60):
+        loss = vla(images, tokens, pad_mask, actions, None, 0.5, 2, None, where)[2]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * w0, (w0, loss.item())
+    with pytest.raises(ValueError, match="where_head"):
+        VLA(tiny_planner_config(), tiny_action_config()).where_loss(torch.zeros(3, 4, 32), where)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
