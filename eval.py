@@ -232,6 +232,34 @@ def open_loop_error(policy, episodes: list, every: int = 4) -> dict:
     return {"chunks": len(errors), **{name: float(e) for name, e in zip(sim.JOINT_NAMES, deg)}}
 
 
+@torch.no_grad()
+def condition_probe(policy, episodes: list, t: int = 0, alpha: float = 100.0, folds: int = 5) -> dict:
+    """Does the action expert's condition know where the object is? At frame t of each episode (t=0: the arm
+    has not moved, so only the image can say where to go), fit a ridge regression from the K condition tokens
+    (flattened) to the target object's box centre in pixels, and score it on held-out folds.
+    -> {"r2_x", "r2_y" (1 = known exactly, 0 = no better than the average position), "mae_px", "episodes"}."""
+    X, Y = [], []
+    for ep in episodes:
+        if "target_box" not in ep or len(ep["actions"]) <= t:
+            continue
+        tokens = data.encode_prompt(policy.tok, ep["instruction"], policy.spatial_prompt)
+        image, tokens, _ = policy._inputs({"image": ep["images"][t], "state": ep["states"][t]}, tokens)
+        X.append(policy.vla.condition(image, tokens).flatten().cpu().numpy())  # (K * d,)
+        b = ep["target_box"][t]
+        Y.append([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
+    X, Y = np.array(X, np.float64), np.array(Y, np.float64)
+    pred, fold = np.zeros_like(Y), np.arange(len(X)) % folds
+    for k in range(folds):
+        tr, te = fold != k, fold == k
+        mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
+        A, B = (X[tr] - mu) / sd, (X[te] - mu) / sd
+        # ridge in its dual form: (A A^T + alpha I)^-1 y, cheap when there are fewer episodes than features
+        w = A.T @ np.linalg.solve(A @ A.T + alpha * np.eye(len(A)), Y[tr] - Y[tr].mean(0))
+        pred[te] = B @ w + Y[tr].mean(0)
+    r2 = 1 - ((pred - Y) ** 2).sum(0) / ((Y - Y.mean(0)) ** 2).sum(0)
+    return {"r2_x": float(r2[0]), "r2_y": float(r2[1]), "mae_px": float(np.abs(pred - Y).mean()), "episodes": len(X)}
+
+
 def grounding_of(policy, test_dir: str, max_scenes: int = 200) -> dict:
     """Stage-1 metrics of a checkpoint's planner on test-split scenes: did it keep (or ever have) grounding?"""
     images, qa = data.load_grounding(test_dir, max_scenes=max_scenes)
@@ -434,7 +462,8 @@ def main(argv=None):
     p.add_argument("--gifs", type=int, default=3, help="episodes per suite drawn into a GIF (0: none)")
     p.add_argument("--open-loop", default="", metavar="DEMO_DIR",
                    help="instead of closed-loop suites: each checkpoint's per-joint error against the expert on "
-                        "the demonstrations in DEMO_DIR (its held-out 5%% and 20 training episodes)")
+                        "the demonstrations in DEMO_DIR (its held-out 5%% and 20 training episodes), and how well "
+                        "its condition tokens locate the object at the first frame (condition_probe)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
@@ -454,6 +483,9 @@ def main(argv=None):
                 e = open_loop_error(policy, eps)
                 print(f"{name:>12s} {part:>9s} episodes, {e.pop('chunks')} chunks, mean |error| (deg): "
                       + ", ".join(f"{k} {v:.1f}" for k, v in e.items()))
+            pr = condition_probe(policy, train_eps + val_eps)
+            print(f"{name:>12s} condition probe at t=0 ({pr['episodes']} episodes, 5-fold ridge): object centre "
+                  f"R^2 x {pr['r2_x']:.2f}, y {pr['r2_y']:.2f}, mean error {pr['mae_px']:.1f} px")
         return None
     return evaluate(args.ckpt, names, args.suites, args.episodes or 200, args.seed, args.out or "out/eval",
                     args.grounding_dir, not args.no_progress, args.gifs, args.workers, args.replan_every)

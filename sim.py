@@ -756,8 +756,11 @@ class ScriptedExpert:
     inverse kinematics, warm-started from the previous solution, so motions are smooth and repeatable.
     """
 
-    def __init__(self, env: SO100Env):
+    def __init__(self, env: SO100Env, grasp_offset: float = 0.0, seed: int = 0):
         self.env = env
+        # a deliberate miss (m): the grasp point is moved this far in a random horizontal direction. It
+        # measures how precise a policy has to be (README: `python sim.py --grasp-offset 0.02`)
+        self.grasp_offset, self.rng = grasp_offset, np.random.default_rng(seed)
 
     def reset(self):
         self.retries = 0
@@ -767,6 +770,11 @@ class ScriptedExpert:
         """Plan from the current state: keyframes -> one (position, yaw, jaw) target per control step."""
         env = self.env
         self.plan = expert_plan(env)
+        if self.grasp_offset:
+            a = self.rng.uniform(0, 2 * math.pi)
+            off = self.grasp_offset * np.array([math.cos(a), math.sin(a), 0.0])
+            self.plan = [(name, p + off if name in ("approach", "descend", "close", "hold", "lift") else p, y, j, n)
+                         for name, p, y, j, n in self.plan]
         self.scratch = mujoco.MjData(env.model)
         self.q = env.data.qpos[:5].copy()
         self.targets, self.phase_of = [], []
@@ -797,10 +805,10 @@ class ScriptedExpert:
 # Running episodes, GIFs, and the command line
 
 
-def run_expert_episode(env: SO100Env, seed: int, keep_frames: bool = False) -> dict:
+def run_expert_episode(env: SO100Env, seed: int, keep_frames: bool = False, grasp_offset: float = 0.0) -> dict:
     """One expert episode. Returns {"success", "steps", "frames" (list of uint8 images if keep_frames)}."""
     obs, info = env.reset(seed=seed)
-    expert = ScriptedExpert(env)
+    expert = ScriptedExpert(env, grasp_offset, seed)
     expert.reset()
     frames = [obs["image"]] if keep_frames else []
     for _ in range(env.cfg.max_steps):
@@ -840,6 +848,7 @@ class SimArgs:
     no_render: bool = False     # skip rendering (faster statistics)
     viewer: bool = False        # watch the expert in MuJoCo's interactive viewer (needs a display)
     bench: bool = False         # measure environment steps per second with and without rendering
+    grasp_offset: float = 0.0   # move the expert's grasp point this far (m), random direction: how precise must a policy be?
 
 
 def _parse_args(argv=None) -> SimArgs:
@@ -898,7 +907,7 @@ def main(argv=None):
     env = SO100Env(args.image_size, args.split, randomize=args.randomize, render=not args.no_render or bool(args.gif))
     wins, lengths = 0, []
     for i in range(args.episodes):
-        ep = run_expert_episode(env, args.seed + i, keep_frames=bool(args.gif) and i == 0)
+        ep = run_expert_episode(env, args.seed + i, keep_frames=bool(args.gif) and i == 0, grasp_offset=args.grasp_offset)
         wins += ep["success"]
         if ep["success"]:
             lengths.append(ep["steps"])

@@ -95,3 +95,43 @@ def test_an_arm_that_holds_still_lifts_nothing():
 
     r = evaluation.run_episodes(Still(), "single", 0, 2, progress=False)  # one object, one container
     assert r["success"] == [False, False] and r["outcomes"] == ["nothing lifted"] * 2
+
+
+def test_condition_probe_finds_a_position_only_when_the_condition_holds_one():
+    """condition_probe must say R^2 ~1 for condition tokens that encode the object's centre (plus noise) and
+    ~0 or below for tokens that are pure noise."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    eps = []
+    for i in range(60):
+        cx, cy = rng.uniform(10, 80, 2)
+        eps.append({"images": np.full((1, 8, 8, 3), i, np.uint8), "states": np.zeros((1, 6), np.float32),
+                    "actions": np.zeros((1, 6), np.float32), "instruction": "put the red cube in the blue bowl",
+                    "target_box": np.array([[cx - 2, cy - 2, cx + 2, cy + 2]], np.float32)})
+    centres = {i: (e["target_box"][0, :2] + 2) for i, e in enumerate(eps)}
+    mix = rng.normal(size=(2, 32))
+
+    class FakeVLA:
+        informative = True
+
+        def condition(self, image, tokens):
+            i = int(image[0, 0, 0, 0])  # the fake image carries the episode's index
+            noise = rng.normal(size=32)
+            x = centres[i] @ mix + 0.5 * noise if self.informative else noise
+            return torch.tensor(x, dtype=torch.float32).reshape(1, 2, 16)  # (1, K, d)
+
+    import data
+
+    class FakePolicy:
+        tok, spatial_prompt, vla = data.get_tokenizer(), True, FakeVLA()
+
+        def _inputs(self, obs, tokens):
+            return torch.from_numpy(obs["image"].astype(np.float32))[None], torch.zeros(1, 3), obs["state"]
+
+    good = evaluation.condition_probe(FakePolicy(), eps, alpha=1.0)
+    FakePolicy.vla.informative = False
+    bad = evaluation.condition_probe(FakePolicy(), eps, alpha=1.0)
+    assert good["episodes"] == 60 and good["r2_x"] > 0.9 and good["r2_y"] > 0.9, good
+    assert bad["r2_x"] < 0.2 and bad["r2_y"] < 0.2, bad

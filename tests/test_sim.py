@@ -121,3 +121,19 @@ def test_split_never_leaks():
     # the reserved combinations are new only as combinations: each colour, shape and container is trained on
     words = {w for c in seen_combos for w in c}
     assert {w for c in sim.TEST_COMBOS for w in c} <= words
+
+
+def test_grasp_offset_moves_only_the_grasp_keyframes_by_that_distance():
+    env = sim.SO100Env(image_size=32, render=False)
+    env.reset(seed=3)
+    clean = sim.ScriptedExpert(env)
+    clean.reset()
+    shifted = sim.ScriptedExpert(env, grasp_offset=0.02, seed=1)
+    shifted.reset()
+    for (name, p0, *_), (_, p1, *_) in zip(clean.plan, shifted.plan):
+        d = p1 - p0
+        if name in ("approach", "descend", "close", "hold", "lift"):
+            assert abs(np.hypot(d[0], d[1]) - 0.02) < 1e-9 and d[2] == 0, name
+        else:
+            assert np.allclose(d, 0), name
+    env.close()
