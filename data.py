@@ -812,6 +812,7 @@ def evaluate_grounding(planner, tok, images: np.ndarray, qa: list, device="cpu",
 class DataArgs:
     grounding: int = 0          # grounding scenes to write
     demos: int = 0              # expert demonstrations to write
+    demo_noise: float = 0.08    # DART offsets (rad) on the executed actions (generate_demos); train_action's default
     split: str = "train"        # train or test
     seed: int = 0
     image_size: int = 96
@@ -838,7 +839,7 @@ def main(argv=None):
         print(f"{out}: {len(images)} scenes, {len(qa)} questions")
     if args.demos:
         out = args.out or f"out/data/demos_{args.split}"
-        generate_demos(out, args.demos, args.split, args.seed, args.image_size)
+        generate_demos(out, args.demos, args.split, args.seed, args.image_size, noise=args.demo_noise)
         eps = read_demo_episodes(out, successful_only=False)
         print(f"{out}: {len(eps)} episodes, {sum(e['success'] for e in eps)} successful, "
               f"{sum(len(e['actions']) for e in eps)} frames")

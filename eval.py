@@ -398,7 +398,7 @@ def run(cmd: list):
 def pipeline(args):
     t0 = time.time()
     out = args.out
-    p = ["--preset", args.preset, "--data-dir", os.path.join(out, "data")]
+    p = ["--preset", args.preset, "--data-dir", os.path.join(out, "data")] + (["--no-progress"] if args.no_progress else [])
     timings = {}
     # a stage whose checkpoint exists is resumed (a finished one then only re-evaluates): re-running the same
     # command after an interruption, or to add a variant, continues instead of starting over
