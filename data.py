@@ -531,7 +531,7 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
     a held random offset (demo_noise_offsets), but the *expert's* action is what is recorded. The frames then
     show the arm a little off the expert's path while the labels lead back to it: the recovery data a scripted
     expert that never misses cannot give otherwise, and the joint state no longer predicts the next action
-    by itself, so the policy has to look at the image (README, "why the policy missed")."""
+    by itself, so the policy has to look at the image (README, "Why the closed loop fails")."""
     import sim
     from tqdm import tqdm
 

@@ -162,7 +162,8 @@ def main(argv=None):
 
     # -- data: expert demonstrations (made once, resumable) and the stage-1 grounding set for co-training ----
     tok = data.get_tokenizer()
-    demo_dir = os.path.join(cfg.data_dir, f"demos_train_{cfg.image_size}" + (f"_noise{cfg.demo_noise:g}" if cfg.demo_noise else ""))
+    noise_tag = f"_noise{cfg.demo_noise:g}" if cfg.demo_noise else ""  # DART and clean demonstrations never mix
+    demo_dir = os.path.join(cfg.data_dir, f"demos_train_{cfg.image_size}{noise_tag}")
     if master:
         data.generate_demos(demo_dir, cfg.demos, "train", cfg.seed, cfg.image_size, progress=cfg.progress,
                             noise=cfg.demo_noise)
@@ -171,6 +172,9 @@ def main(argv=None):
     episodes = data.read_demo_episodes(demo_dir)[: cfg.demos]
     with open(os.path.join(demo_dir, "norm_stats.json")) as f:
         stats = json.load(f)
+    if cfg.where_weight > 0 and any("target_box" not in ep for ep in episodes):
+        raise ValueError(f"the demonstrations in {demo_dir} carry no object boxes (recorded on a real arm?), so the "
+                         "where readout has no labels: pass --where-weight 0")
     train_eps, val_eps = data.split_episodes(episodes)  # 5% of episodes held out for a validation loss
     if cfg.relative_actions:  # per-step ranges of (action - state), from the training episodes only
         stats = {**stats, "delta": data.compute_delta_stats(train_eps, cfg.chunk_len)}
