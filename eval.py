@@ -406,14 +406,16 @@ def pipeline(args):
         return ["--resume"] if os.path.exists(os.path.join(d, "ckpt", "config.json")) else []
 
     t = time.time()
-    run(["train_grounding.py", *p, "--out", os.path.join(out, "stage1"), *resume(os.path.join(out, "stage1"))])
-    timings["stage1 (data + training + grounding eval)"] = time.time() - t
+    r = resume(os.path.join(out, "stage1"))
+    run(["train_grounding.py", *p, "--out", os.path.join(out, "stage1"), *r])
+    timings["stage1 (data + training + grounding eval)" + (" (resumed)" if r else "")] = time.time() - t
     variants = list(ABLATION) if args.ablation else args.variants
     for v in variants:
         t = time.time()
+        r = resume(os.path.join(out, v))
         run(["train_action.py", *p, *ABLATION[v], "--stage1", os.path.join(out, "stage1", "ckpt"),
-             "--out", os.path.join(out, v), *resume(os.path.join(out, v))])
-        timings[f"stage2 {v}"] = time.time() - t
+             "--out", os.path.join(out, v), *r])
+        timings[f"stage2 {v}" + (" (resumed)" if r else "")] = time.time() - t  # a resumed time is not a whole run's
     t = time.time()
     episodes = args.episodes or {"smoke": 4, "default": 200, "full": 200}[args.preset]
     results = evaluate([os.path.join(out, v, "ckpt") for v in variants], variants, args.suites, episodes, args.seed,
