@@ -532,12 +532,15 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
     show the arm a little off the expert's path while the labels lead back to it: the recovery data a scripted
     expert that never misses cannot give otherwise, and the joint state no longer predicts the next action
     by itself, so the policy has to look at the image (README, "Why the closed loop fails")."""
-    import sim
-    from tqdm import tqdm
-
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(n_episodes=n_episodes, split=split, seed=seed, image_size=image_size)
     _check_meta(out_dir, {**meta, "noise": noise} if noise else meta)  # noise-free folders keep their old meta
+    if os.path.exists(os.path.join(out_dir, "norm_stats.json")) and all(
+            os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz")) for i in range(n_episodes)):
+        return out_dir  # already complete: training on a copied folder needs no simulator or renderer
+    import sim
+    from tqdm import tqdm
+
     env = sim.SO100Env(image_size=image_size, split=split)
     for i in tqdm(range(n_episodes), desc=f"demos {split}", disable=not progress, unit="ep"):
         if os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz")):

@@ -233,3 +233,21 @@ def test_early_sampling_and_where_labels(tok):
     assert torch.allclose(where, torch.tensor([[20, 30, 24, 34]] * 2) / 16)
     del eps[1]["target_box"]
     assert ds.collate([ds[0], ds[T]])[-1] is None  # an episode without boxes: no labels
+
+
+def test_complete_demo_folder_needs_no_simulator(tmp_path, monkeypatch):
+    """A finished demonstration folder (copied to a GPU box, say) is reused as it is: the second call must not
+    build a simulator, and an unfinished folder must."""
+    out = str(tmp_path / "demos")
+    data.generate_demos(out, 2, "train", seed=0, image_size=32, progress=False)
+    before = sorted(os.listdir(out))
+
+    def no_sim(*a, **k):
+        raise AssertionError("built a simulator for a complete folder")
+
+    monkeypatch.setattr(sim, "SO100Env", no_sim)
+    assert data.generate_demos(out, 2, "train", seed=0, image_size=32, progress=False) == out
+    assert sorted(os.listdir(out)) == before
+    os.remove(os.path.join(out, "episode_000001.npz"))
+    with pytest.raises(AssertionError, match="built a simulator"):
+        data.generate_demos(out, 2, "train", seed=0, image_size=32, progress=False)
