@@ -629,6 +629,18 @@ def split_episodes(episodes: list) -> tuple:
 EARLY_STEPS = 8  # "the start of an episode" for DemoDataset.sample_indices (the approach takes 8-18 steps)
 
 
+def object_resting(episode: dict, tol: float = 1.0) -> np.ndarray:
+    """(T,) bool: the key object still lies where it started (its box centre within tol px of frame 0's).
+    Once it is in the jaws its box is wherever the gripper is; labels from those frames teach the planner
+    the shortcut "the object is at the gripper", which in the closed loop makes it see the object in an empty
+    gripper (README, "Why the closed loop fails", item 8). train_action.py --no-held-labels therefore takes
+    the object labels only from resting frames; measured, that did not make the closed loop better, so it is
+    off by default."""
+    b = np.asarray(episode["target_box"], np.float32)
+    c = (b[:, :2] + b[:, 2:]) / 2
+    return np.linalg.norm(c - c[0], axis=1) <= tol
+
+
 class DemoDataset(torch.utils.data.Dataset):
     """Items are (episode, time) pairs; each gives the image and state at t and the chunk of the next
     `chunk` actions (repeating the last action past the episode's end, i.e. "stay there").
@@ -636,12 +648,14 @@ class DemoDataset(torch.utils.data.Dataset):
     (compute_delta_stats); otherwise absolute joint targets normalised with stats["action"].
 
     collate -> images (B,3,H,W), tokens (B,L), pad_mask (B,L), actions (B,chunk,6) normalised,
-               state (B,6) normalised, where (B,4) object and container centres in [0, 1] (or None).
+               state (B,6) normalised, where (B,4) object and container centres in [0, 1] (or None;
+               the object's are NaN while it is off the table, unless held_labels).
     """
 
     def __init__(self, episodes: list, tok: tiktoken.Encoding, stats: dict, chunk: int = 8,
-                 spatial_prompt: bool = True, relative: bool = False):
+                 spatial_prompt: bool = True, relative: bool = False, held_labels: bool = True):
         self.eps, self.tok, self.stats, self.chunk, self.relative = episodes, tok, stats, chunk, relative
+        self.held_labels = held_labels  # False: no object position label once it has left the table
         self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["actions"]))]
         # the frames before the arm has moved much: only the image says where to go (see sample_indices)
         self.early = np.array([i for i, (e, t) in enumerate(self.index) if t < EARLY_STEPS])
@@ -686,13 +700,19 @@ class DemoDataset(torch.utils.data.Dataset):
         boxes = np.stack([np.concatenate([self.eps[e]["target_box"][t], self.eps[e]["container_box"][t]])
                           for e, t, _, _ in batch]).astype(np.float32)  # (B, 8) x1 y1 x2 y2, twice
         centres = (boxes[:, [0, 1, 4, 5]] + boxes[:, [2, 3, 6, 7]]) / 2
+        if not self.held_labels:  # the object in the jaws: no label (NaN, skipped by the loss)
+            held = np.array([not object_resting(self.eps[e])[t] for e, t, _, _ in batch])
+            centres[held, :2] = np.nan
         return torch.from_numpy(centres / self.image_size)
 
 
-def demo_grounding_qa(episodes: list, rng: np.random.Generator, n: int, image_size: int):
+def demo_grounding_qa(episodes: list, rng: np.random.Generator, n: int, image_size: int,
+                      held_labels: bool = True):
     """Grounding Q/A drawn from demonstration frames (mid-task views, the arm anywhere) for co-training:
     boxes of the task's object and container, where the object should go, and the spatial prompt answered
-    with the key object's box (as in scene_questions). Returns (images, qa)."""
+    with the key object's box (as in scene_questions). Returns (images, qa).
+    held_labels=False: questions about the key object come only from frames where it still rests on the
+    table (object_resting), never from frames where it is in the jaws."""
     import sim
 
     images, qa = [], []
@@ -703,8 +723,11 @@ def demo_grounding_qa(episodes: list, rng: np.random.Generator, n: int, image_si
             continue
         t = int(rng.integers(len(ep["actions"])))
         words = ep["instruction"].split()
-        images.append(ep["images"][t])
         kind = int(rng.integers(4))
+        if kind in (0, 3) and not held_labels:  # about the key object: a frame where it rests on the table
+            resting = np.flatnonzero(object_resting(ep))
+            t = t if t in resting else int(resting[rng.integers(len(resting))])
+        images.append(ep["images"][t])
         if kind == 3:  # the spatial prompt -> the key object's box, as in scene_questions
             qa.append(dict(kind="box", question=SPATIAL_PROMPT.format(instruction=ep["instruction"]),
                            answer=format_box(np.clip(ep["target_box"][t], 0, image_size - 1)), image=len(images) - 1))
@@ -760,8 +783,16 @@ def in_box(p, box, image_size: int) -> bool:
 
 
 def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
-    """Score generated answer texts against their samples' labels."""
-    ious, box_ok, pt_ok, dfd, parsed = [], [], [], [], []
+    """Score generated answer texts against their samples' labels.
+
+    box_other_object splits the box misses: the share of box answers that overlap another thing asked about in
+    the same scene more than the thing asked for (IoU > 0.1), i.e. the planner found *an* object but not the one
+    the words name (a colour/shape binding error, not a precision one)."""
+    ious, box_ok, pt_ok, dfd, parsed, other = [], [], [], [], [], []
+    boxes_in_scene = {}  # image index -> labels of every box question about it
+    for q in samples:
+        if q["kind"] == "box":
+            boxes_in_scene.setdefault(q.get("image"), set()).add(tuple(q["label"]))
     for q, text in zip(samples, answers):
         pred = PARSERS[q["kind"]](text)
         parsed.append(pred is not None)
@@ -769,6 +800,9 @@ def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
             iou = 0.0 if pred is None else box_iou(pred, q["label"])
             ious.append(iou)
             box_ok.append(iou >= 0.5)
+            rivals = [] if pred is None else [box_iou(pred, b) for b in boxes_in_scene[q.get("image")]
+                                              if b != tuple(q["label"])]
+            other.append(max(rivals, default=0.0) > max(iou, 0.1))
         elif q["kind"] in ("point", "place"):
             pt_ok.append(pred is not None and in_box(pred, q["region"], image_size))
         else:
@@ -777,7 +811,7 @@ def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
             dfd.append(image_size * math.sqrt(2) if pred is None else discrete_frechet(resample_path(pred, 16), true))
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
     return {"parse_rate": mean(parsed), "box_acc50": mean(box_ok), "box_miou": mean(ious),
-            "point_acc": mean(pt_ok), "trace_dfd": mean(dfd), "n": len(samples)}
+            "box_other_object": mean(other), "point_acc": mean(pt_ok), "trace_dfd": mean(dfd), "n": len(samples)}
 
 
 @torch.no_grad()

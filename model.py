@@ -738,10 +738,13 @@ class VLA(nn.Module):
 
     def where_loss(self, cond, where):
         """Spatial guidance on the condition itself: the mean condition token must say, linearly, where the
-        key object and the container are. cond (B, K, d), where (B, 4) -> MSE in [0, 1] image units."""
+        key object and the container are. cond (B, K, d), where (B, 4) -> MSE in [0, 1] image units over the
+        entries that are not NaN."""
         if self.where is None:
             raise ValueError("this VLA was built without where_head=True")
-        return F.mse_loss(self.where(cond.mean(1)), where)
+        pred = self.where(cond.mean(1))
+        known = ~torch.isnan(where)  # the object's centre is NaN while it is in the jaws (data.object_resting)
+        return F.mse_loss(pred[known], where[known])
 
     def grounding_loss(self, images, tokens, targets, prefix_len=None):
         """Stage 1 / co-training: next-token loss on the answer tokens; touches only the planner."""

@@ -61,6 +61,9 @@ class Config:
                                  # out; at 96x96 px the wrist roll and jaw are too small to read, see README)
     where_weight: float = 10.0   # > 0: a where head on the condition tokens must say where the object and
                                  # container are (model.VLA.where_loss); spatial guidance, so m1 only
+    held_labels: bool = True     # label the key object's position also while it is in the jaws (where head and
+                                 # co-training questions); --no-held-labels was tried against the planner's
+                                 # "the object is at the gripper" habit and did not help (README, item 8)
     early_fraction: float = 0.3  # share of each batch from the first data.EARLY_STEPS frames of an episode
     demo_noise: float = 0.08     # DART: std (rad) of held offsets on the expert's executed actions
                                  # (data.generate_demos); both variants learn from the same demonstrations
@@ -178,8 +181,10 @@ def main(argv=None):
     train_eps, val_eps = data.split_episodes(episodes)  # 5% of episodes held out for a validation loss
     if cfg.relative_actions:  # per-step ranges of (action - state), from the training episodes only
         stats = {**stats, "delta": data.compute_delta_stats(train_eps, cfg.chunk_len)}
-    train_set = data.DemoDataset(train_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions)
-    val_set = data.DemoDataset(val_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions)
+    train_set = data.DemoDataset(train_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions,
+                                 cfg.held_labels)
+    val_set = data.DemoDataset(val_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions,
+                               cfg.held_labels)
     log(f"demos: {len(episodes)} successful episodes, {len(train_set)} training frames, {len(val_set)} validation")
     ground_set = None
     if cfg.cotrain:
@@ -190,7 +195,7 @@ def main(argv=None):
                                     "(or pass --no-cotrain)")
         g_images, g_qa = data.load_grounding(gdir)
         d_images, d_qa = data.demo_grounding_qa(train_eps, np.random.default_rng(cfg.seed), len(g_qa) // 2,
-                                                cfg.image_size)
+                                                cfg.image_size, cfg.held_labels)
         for q in d_qa:
             q["image"] += len(g_images)
         ground_set = data.GroundingDataset(None, tok, images=np.concatenate([g_images, d_images]), qa=g_qa + d_qa)

@@ -310,7 +310,8 @@ def main(argv=None):
     plot_curves(history, evals, os.path.join(cfg.out, "curves.png"))
     draw_predictions(test_images, test_qa, answers, os.path.join(cfg.out, "predictions.png"))
     print(f"test split, {len(test_images)} scenes / {metrics['n']} questions: parse rate {metrics['parse_rate']:.3f}, "
-          f"box Acc@0.5 {metrics['box_acc50']:.3f} (mIoU {metrics['box_miou']:.3f}), point acc {metrics['point_acc']:.3f}, "
+          f"box Acc@0.5 {metrics['box_acc50']:.3f} (mIoU {metrics['box_miou']:.3f}; on another object "
+          f"{metrics['box_other_object']:.3f}), point acc {metrics['point_acc']:.3f}, "
           f"trace DFD {metrics['trace_dfd']:.2f} px")
     print(f"wrote {ckpt_dir}, {cfg.out}/metrics.json, curves.png, predictions.png ({train_time / 60:.1f} min training)")
     return result

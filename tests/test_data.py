@@ -170,6 +170,11 @@ def test_metrics_known_values():
     m = data.grounding_metrics(samples, ["[0,0,10,10]", "(50,50)", "nonsense"], 96)
     assert m["box_acc50"] == 1.0 and m["point_acc"] == 0.0 and m["parse_rate"] == pytest.approx(2 / 3)
     assert m["trace_dfd"] == pytest.approx(96 * np.sqrt(2))
+    # two things asked about in one scene: the answer to the first lands on the second -> a binding error
+    two = [dict(kind="box", label=[0, 0, 10, 10], image=0), dict(kind="box", label=[50, 50, 60, 60], image=0),
+           dict(kind="box", label=[0, 0, 10, 10], image=1)]
+    m = data.grounding_metrics(two, ["[50,50,60,60]", "[50,50,60,60]", "[70,70,80,80]"], 96)
+    assert m["box_acc50"] == pytest.approx(1 / 3) and m["box_other_object"] == pytest.approx(1 / 3)
 
 
 def test_demo_episode_round_trip(tmp_path):
@@ -233,6 +238,32 @@ def test_early_sampling_and_where_labels(tok):
     assert torch.allclose(where, torch.tensor([[20, 30, 24, 34]] * 2) / 16)
     del eps[1]["target_box"]
     assert ds.collate([ds[0], ds[T]])[-1] is None  # an episode without boxes: no labels
+
+
+def test_no_object_labels_while_it_is_in_the_jaws(tok):
+    """Once the key object leaves its place (lifted), the where labels and the co-training questions about it
+    stop with held_labels=False; the container keeps its labels; held_labels=True (the default) keeps them all."""
+    T = 10
+    target = np.tile(np.array([[10, 20, 16, 26]], np.float32), (T, 1))
+    target[6:] += [30, -10, 30, -10]  # lifted and carried from frame 6 on
+    ep = {"actions": np.zeros((T, 6), np.float32), "states": np.zeros((T, 6), np.float32),
+          "images": np.arange(T, dtype=np.uint8)[:, None, None, None] * np.ones((T, 16, 16, 3), np.uint8),
+          "instruction": "put the red cube in the blue bowl", "target_box": target,
+          "container_box": np.tile(np.array([[60, 60, 80, 80]], np.float32), (T, 1)),
+          "target_point": np.tile(np.array([[70, 70]], np.float32), (T, 1))}
+    assert data.object_resting(ep).tolist() == [True] * 6 + [False] * 4
+    stats = data.compute_norm_stats([ep])
+    ds = data.DemoDataset([ep], tok, stats, 4, held_labels=False)
+    where = ds.collate([ds[2], ds[8]])[-1]
+    assert torch.isfinite(where[0]).all() and torch.isnan(where[1, :2]).all() and torch.isfinite(where[1, 2:]).all()
+    ds_old = data.DemoDataset([ep], tok, stats, 4, held_labels=True)
+    assert torch.isfinite(ds_old.collate([ds_old[2], ds_old[8]])[-1]).all()
+    images, qa = data.demo_grounding_qa([ep], np.random.default_rng(0), 200, 96, held_labels=False)
+    about_key = [q for q in qa if "red" in q["question"] and q["kind"] == "box"]  # its box or the spatial prompt
+    assert about_key and all(images[q["image"]][0, 0, 0] < 6 for q in about_key)  # only frames 0-5: before the lift
+    assert any(images[q["image"]][0, 0, 0] >= 6 for q in qa if "blue" in q["question"])  # the container: any frame
+    images, qa = data.demo_grounding_qa([ep], np.random.default_rng(0), 200, 96, held_labels=True)
+    assert any(images[q["image"]][0, 0, 0] >= 6 for q in qa if q["question"].startswith("Your task"))
 
 
 def test_complete_demo_folder_needs_no_simulator(tmp_path, monkeypatch):

@@ -352,6 +352,13 @@ def test_where_head_learns_positions_and_reaches_the_planner():
     assert loss.item() < 0.2 * w0, (w0, loss.item())
     with pytest.raises(ValueError, match="where_head"):
         VLA(tiny_planner_config(), tiny_action_config()).where_loss(torch.zeros(3, 4, 32), where)
+    # a missing label (NaN: the object is in the jaws) is skipped, whatever the head says there
+    cond = torch.randn(3, 4, vla.expert.config.d_model)
+    holey = where.clone()
+    holey[1, :2] = float("nan")
+    known = ~torch.isnan(holey)
+    expected = torch.nn.functional.mse_loss(vla.where(cond.mean(1))[known], where[known])
+    assert torch.allclose(vla.where_loss(cond, holey), expected)
 
 
 # ----------------------------------------------------------------------------- checkpoints
