@@ -260,6 +260,54 @@ def condition_probe(policy, episodes: list, t: int = 0, alpha: float = 100.0, fo
     return {"r2_x": float(r2[0]), "r2_y": float(r2[1]), "mae_px": float(np.abs(pred - Y).mean()), "episodes": len(X)}
 
 
+TRACK_BINS = ((0, 4), (4, 8), (8, 16), (16, 1000))  # distance (px) from the jaws to the target in the image
+
+
+def planner_tracking(policy, suite: str, episodes: int) -> dict:
+    """Where does the planner think the object is while the policy drives the arm? At every new plan of a
+    closed-loop episode, ask "where is the <object>?" and compare the answer's centre with the target's true
+    box centre and with the jaws' position in the image (info["ee_pixel"]). Binned by how far the jaws are
+    from the target: a planner that finds the object answers the same wherever the arm is; one that has
+    learned "the object is where the gripper is" (in demonstrations it mostly is: approaching, then holding
+    it) answers near the jaws. -> {"lo-hi": {"plans", "median_error_px", "nearer_jaws"}} per bin."""
+    spec = dict(SUITES[suite])
+    base_seed = spec.pop("seed")
+    env = sim.SO100Env(image_size=policy.image_size, **spec)
+    rows = []  # (jaws-target, answer-target, answer-jaws) in px, one per plan
+    for i in range(episodes):
+        obs, info = env.reset(seed=base_seed + i)
+        policy.reset()
+        question = data.BOX_QUESTIONS[0].format(name=data._names_in_instruction(info["instruction"].split(), sim)[0])
+        for _ in range(env.cfg.max_steps):
+            plans = policy.n_plans
+            action = policy.act(obs, info["instruction"])
+            if policy.n_plans > plans:
+                rows.append(_tracking_row(data.parse_box(policy.ask(obs, question)), info["target_box"], info["ee_pixel"]))
+            obs, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+    env.close()
+    return _tracking_bins(rows)
+
+
+def _tracking_row(box, target_box, jaws) -> tuple:
+    """(jaws-target, answer-target, answer-jaws) distances in px; the answer's are NaN when it did not parse."""
+    target, jaws = (np.asarray(target_box[:2]) + np.asarray(target_box[2:])) / 2, np.asarray(jaws, float)
+    answer = np.full(2, np.nan) if box is None else (np.asarray(box[:2]) + np.asarray(box[2:])) / 2
+    return np.linalg.norm(jaws - target), np.linalg.norm(answer - target), np.linalg.norm(answer - jaws)
+
+
+def _tracking_bins(rows: list) -> dict:
+    rows = np.array(rows, float).reshape(-1, 3)
+    out = {}
+    for lo, hi in TRACK_BINS:
+        r = rows[(rows[:, 0] >= lo) & (rows[:, 0] < hi)]
+        r = r[~np.isnan(r[:, 1])]  # unparsable answers are left out
+        out[f"{lo}-{hi}"] = {"plans": len(r), "median_error_px": float(np.median(r[:, 1])) if len(r) else None,
+                             "nearer_jaws": float(np.mean(r[:, 2] < r[:, 1])) if len(r) else None}
+    return out
+
+
 def grounding_of(policy, test_dir: str, max_scenes: int = 200) -> dict:
     """Stage-1 metrics of a checkpoint's planner on test-split scenes: did it keep (or ever have) grounding?"""
     images, qa = data.load_grounding(test_dir, max_scenes=max_scenes)
@@ -468,6 +516,10 @@ def main(argv=None):
                    help="instead of closed-loop suites: each checkpoint's per-joint error against the expert on "
                         "the demonstrations in DEMO_DIR (its held-out 5%% and 20 training episodes), and how well "
                         "its condition tokens locate the object at the first frame (condition_probe)")
+    p.add_argument("--track-planner", type=int, default=0, metavar="EPISODES",
+                   help="instead of the suites' success: run this many closed-loop episodes of each suite and say "
+                        "where the planner thinks the object is, against where it is and where the jaws are "
+                        "(planner_tracking)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
@@ -490,6 +542,18 @@ def main(argv=None):
             pr = condition_probe(policy, train_eps + val_eps)
             print(f"{name:>12s} condition probe at t=0 ({pr['episodes']} episodes, 5-fold ridge): object centre "
                   f"R^2 x {pr['r2_x']:.2f}, y {pr['r2_y']:.2f}, mean error {pr['mae_px']:.1f} px")
+        return None
+    if args.track_planner:
+        from model import Policy
+
+        for ck, name in zip(args.ckpt, names):
+            policy = Policy.load(ck, replan_every=args.replan_every)
+            for s in args.suites:
+                for b, r in planner_tracking(policy, s, args.track_planner).items():
+                    err = "-" if r["median_error_px"] is None else f"{r['median_error_px']:.1f} px"
+                    near = "-" if r["nearer_jaws"] is None else f"{r['nearer_jaws']:.2f}"
+                    print(f"{name:>12s} {s:>11s} | jaws {b:>7s} px from the target: {r['plans']:4d} plans, "
+                          f"answer's median error {err}, answer nearer the jaws than the target: {near}")
         return None
     return evaluate(args.ckpt, names, args.suites, args.episodes or 200, args.seed, args.out or "out/eval",
                     args.grounding_dir, not args.no_progress, args.gifs, args.workers, args.replan_every)

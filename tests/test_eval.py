@@ -135,3 +135,38 @@ def test_condition_probe_finds_a_position_only_when_the_condition_holds_one():
     bad = evaluation.condition_probe(FakePolicy(), eps, alpha=1.0)
     assert good["episodes"] == 60 and good["r2_x"] > 0.9 and good["r2_y"] > 0.9, good
     assert bad["r2_x"] < 0.2 and bad["r2_y"] < 0.2, bad
+
+
+def test_planner_tracking_tells_an_answer_at_the_jaws_from_one_at_the_target():
+    """_tracking_row/_tracking_bins: an answer on the target has error 0 and is never nearer the jaws; one on
+    the jaws is; unparsable answers are left out; the bins follow the jaws' distance from the target."""
+    target_box, jaws = [40, 40, 44, 44], (62, 42)  # target centre (42, 42): jaws 20 px away
+    on_target = evaluation._tracking_row([40, 40, 44, 44], target_box, jaws)
+    on_jaws = evaluation._tracking_row([60, 40, 64, 44], target_box, jaws)
+    assert on_target == (20.0, 0.0, 20.0) and on_jaws == (20.0, 20.0, 0.0)
+    near = evaluation._tracking_row([40, 40, 44, 44], target_box, (44, 42))  # jaws 2 px away
+    bins = evaluation._tracking_bins([on_target, on_jaws, near, evaluation._tracking_row(None, target_box, jaws)])
+    assert bins["16-1000"] == {"plans": 2, "median_error_px": 10.0, "nearer_jaws": 0.5}
+    assert bins["0-4"]["plans"] == 1 and bins["0-4"]["nearer_jaws"] == 0.0 and bins["4-8"]["plans"] == 0
+
+
+def test_planner_tracking_runs_closed_loop():
+    import numpy as np
+
+    class Still:  # keeps still and answers nonsense: every answer is left out, the plans still happen
+        image_size, n_plans = 48, 0
+
+        def reset(self):
+            pass
+
+        def act(self, obs, instruction):
+            self.n_plans += 1
+            return np.asarray(obs["state"], np.float32)
+
+        def ask(self, obs, question):
+            assert "where is the" in question
+            return "no idea"
+
+    bins = evaluation.planner_tracking(Still(), "single", 1)
+    assert set(bins) == {f"{lo}-{hi}" for lo, hi in evaluation.TRACK_BINS}
+    assert all(b["plans"] == 0 for b in bins.values())
