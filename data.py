@@ -631,11 +631,10 @@ EARLY_STEPS = 8  # "the start of an episode" for DemoDataset.sample_indices (the
 
 def object_resting(episode: dict, tol: float = 1.0) -> np.ndarray:
     """(T,) bool: the key object still lies where it started (its box centre within tol px of frame 0's).
-    Once it is in the jaws its box is wherever the gripper is; labels from those frames teach the planner
-    the shortcut "the object is at the gripper", which in the closed loop makes it see the object in an empty
-    gripper (README, "Why the closed loop fails", item 8). train_action.py --no-held-labels therefore takes
-    the object labels only from resting frames; measured, that did not make the closed loop better, so it is
-    off by default."""
+    Once it is in the jaws its box is wherever the gripper is, so labels from those frames reward the shortcut
+    "the object is at the gripper"; in the closed loop the planner does answer near an empty gripper (README,
+    "Why the closed loop fails", item 8). train_action.py --no-held-labels takes the object labels only from
+    resting frames: measured, that weakened the habit but did not bring the arm closer, so it is off by default."""
     b = np.asarray(episode["target_box"], np.float32)
     c = (b[:, :2] + b[:, 2:]) / 2
     return np.linalg.norm(c - c[0], axis=1) <= tol
