@@ -170,3 +170,32 @@ def test_planner_tracking_runs_closed_loop():
     bins = evaluation.planner_tracking(Still(), "single", 1)
     assert set(bins) == {f"{lo}-{hi}" for lo, hi in evaluation.TRACK_BINS}
     assert all(b["plans"] == 0 for b in bins.values())
+
+
+def test_swap_instruction_tells_a_policy_that_ignores_the_words():
+    """swap_instruction names another object of the same table: a policy that ignores the words predicts the
+    same chunk (change 0, slope 0); one whose pan depends on the named colour changes it."""
+    import numpy as np
+
+    import sim
+
+    class Stand:
+        image_size = 48
+        follows = False
+
+        def reset(self):
+            pass
+
+        def predict_chunk(self, obs, instruction):
+            chunk = np.tile(np.asarray(obs["state"], np.float32), (8, 1))
+            if self.follows:  # turn by an amount that depends on which colour is named
+                colour = next(w for w in instruction.split() if w in sim.PALETTE)
+                chunk[:, 0] += 0.1 * (list(sim.PALETTE).index(colour) + 1)
+            return chunk
+
+    deaf = evaluation.swap_instruction(Stand(), "seen", 4)
+    assert deaf["scenes"] == 4 and deaf["median_pan_change_deg"] == 0.0 and deaf["slope"] == 0.0
+    assert deaf["median_angle_apart_deg"] > 0  # two different objects
+    listener = Stand()
+    listener.follows = True
+    assert evaluation.swap_instruction(listener, "seen", 4)["median_pan_change_deg"] > 5
