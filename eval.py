@@ -270,7 +270,7 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
     spec = dict(SUITES[suite])
     base_seed = spec.pop("seed")
     env = sim.SO100Env(image_size=policy.image_size, **spec)
-    changes, apart, moves = [], [], []
+    changes, apart, moves, where_change, pixels_apart = [], [], [], [], []
     for i in range(episodes):
         obs, info = env.reset(seed=base_seed + i)
         sc = env.scene
@@ -282,11 +282,21 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
         k = words.index(sc["objects"][ti]["colour"])  # "<colour> <noun>" of the object to pick up
         other = sc["objects"][j]
         swapped = " ".join(words[:k] + [other["colour"], sim.SYNONYMS[other["shape"]][0]] + words[k + 2:])
-        pans = []
+        pans, wheres = [], []
         for instruction in (info["instruction"], swapped):
             policy.reset()
             torch.manual_seed(0)  # the same diffusion noise for both: only the words differ
             pans.append(float(np.mean(policy.predict_chunk(obs, instruction)[:, 0])))
+            vla = getattr(policy, "vla", None)
+            if vla is not None and vla.where is not None:  # where the condition says the named object is (px)
+                image, tokens, _ = policy._inputs(obs, data.encode_prompt(policy.tok, instruction, policy.spatial_prompt))
+                with torch.no_grad():
+                    wheres.append(vla.where(vla.condition(image, tokens).mean(1))[0, :2].cpu().numpy() * policy.image_size)
+        if wheres:
+            pix = sim.project(env.model, env.data, np.stack([env.data.xpos[env.model.body(f"obj{n}").id] for n in (ti, j)]),
+                              policy.image_size, policy.image_size)
+            where_change.append(np.linalg.norm(wheres[0] - wheres[1]))
+            pixels_apart.append(np.linalg.norm(pix[0] - pix[1]))
         angle = [math.atan2(p[1], p[0]) for p in (env.data.xpos[env.model.body(f"obj{n}").id] for n in (ti, j))]
         changes.append(pans[0] - pans[1])
         apart.append(angle[0] - angle[1])
@@ -296,7 +306,11 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
     return {"scenes": len(changes), "median_pan_change_deg": float(np.degrees(np.median(np.abs(changes)))),
             "median_angle_apart_deg": float(np.degrees(np.median(np.abs(apart)))),
             "slope": float(apart @ changes / (apart @ apart)),
-            "median_first_chunk_pan_move_deg": float(np.degrees(np.median(moves)))}
+            "median_first_chunk_pan_move_deg": float(np.degrees(np.median(moves))),
+            # with a where head: how far its answer moves when the other object is named, against how far apart
+            # the two objects are in the image (a condition that knows the named object moves by about that)
+            "median_where_change_px": float(np.median(where_change)) if where_change else None,
+            "median_objects_apart_px": float(np.median(pixels_apart)) if pixels_apart else None}
 
 
 TRACK_BINS = ((0, 4), (4, 8), (8, 16), (16, 1000))  # distance (px) from the jaws to the target in the image
@@ -596,6 +610,9 @@ def main(argv=None):
                       f"pan by {r['median_pan_change_deg']:.1f} deg (median); the objects are "
                       f"{r['median_angle_apart_deg']:.1f} deg apart; slope {r['slope']:.2f} (1 = follows the words); "
                       f"the chunk itself turns {r['median_first_chunk_pan_move_deg']:.1f} deg")
+                if r["median_where_change_px"] is not None:
+                    print(f"{'':>24s} | the where readout moves {r['median_where_change_px']:.1f} px; the objects are "
+                          f"{r['median_objects_apart_px']:.1f} px apart in the image")
         return None
     if args.track_planner:
         from model import Policy
