@@ -635,8 +635,7 @@ def object_resting(episode: dict, tol: float = 1.0) -> np.ndarray:
     "the object is at the gripper"; in the closed loop the planner does answer near an empty gripper (README,
     "Why the closed loop fails", item 8). train_action.py --no-held-labels takes the object labels only from
     resting frames: measured, that weakened the habit but did not bring the arm closer, so it is off by default."""
-    b = np.asarray(episode["target_box"], np.float32)
-    c = (b[:, :2] + b[:, 2:]) / 2
+    c = box_centre(episode["target_box"])  # (T, 2)
     return np.linalg.norm(c - c[0], axis=1) <= tol
 
 
@@ -654,7 +653,8 @@ class DemoDataset(torch.utils.data.Dataset):
     def __init__(self, episodes: list, tok: tiktoken.Encoding, stats: dict, chunk: int = 8,
                  spatial_prompt: bool = True, relative: bool = False, held_labels: bool = True):
         self.eps, self.tok, self.stats, self.chunk, self.relative = episodes, tok, stats, chunk, relative
-        self.held_labels = held_labels  # False: no object position label once it has left the table
+        # held_labels=False: no object position label once it has left the table (computed once per episode)
+        self.resting = None if held_labels else [object_resting(ep) if "target_box" in ep else None for ep in episodes]
         self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["actions"]))]
         # the frames before the arm has moved much: only the image says where to go (see sample_indices)
         self.early = np.array([i for i, (e, t) in enumerate(self.index) if t < EARLY_STEPS])
@@ -696,11 +696,11 @@ class DemoDataset(torch.utils.data.Dataset):
         image (for the optional where head, model.VLA.where_loss); None when the episodes carry no boxes."""
         if any("target_box" not in self.eps[e] for e, *_ in batch):
             return None
-        boxes = np.stack([np.concatenate([self.eps[e]["target_box"][t], self.eps[e]["container_box"][t]])
-                          for e, t, _, _ in batch]).astype(np.float32)  # (B, 8) x1 y1 x2 y2, twice
-        centres = (boxes[:, [0, 1, 4, 5]] + boxes[:, [2, 3, 6, 7]]) / 2
-        if not self.held_labels:  # the object in the jaws: no label (NaN, skipped by the loss)
-            held = np.array([not object_resting(self.eps[e])[t] for e, t, _, _ in batch])
+        boxes = np.stack([np.stack([self.eps[e]["target_box"][t], self.eps[e]["container_box"][t]])
+                          for e, t, _, _ in batch])  # (B, 2, 4): object, container
+        centres = box_centre(boxes).reshape(len(batch), 4)  # (B, 4) object x y, container x y
+        if self.resting is not None:  # the object in the jaws: no label (NaN, skipped by the loss)
+            held = np.array([not self.resting[e][t] for e, t, _, _ in batch])
             centres[held, :2] = np.nan
         return torch.from_numpy(centres / self.image_size)
 
@@ -754,6 +754,12 @@ def _names_in_instruction(words, sim):
 
 # ----------------------------------------------------------------------------------------------------------
 # 7. Grounding metrics (metrics.md)
+
+
+def box_centre(box) -> np.ndarray:
+    """[..., 4] boxes x1 y1 x2 y2 -> [..., 2] centres."""
+    box = np.asarray(box, np.float32)
+    return (box[..., :2] + box[..., 2:]) / 2
 
 
 def box_iou(a, b) -> float:

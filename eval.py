@@ -120,15 +120,20 @@ def _grasp_gap(env) -> float:
     return float(np.linalg.norm(site - obj))
 
 
+def _suite_env(suite: str, image_size: int, seed_offset: int = 0):
+    """The simulator a suite runs in, and the seed of its episode 0 (episode i has seed + i)."""
+    spec = dict(SUITES[suite])
+    base_seed = spec.pop("seed") + seed_offset
+    return sim.SO100Env(image_size=image_size, **spec), base_seed
+
+
 def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0, gif_path: str | None = None,
                  gif_episodes: int = 3, progress: bool = True) -> dict:
     """Run episodes first..last-1 of a suite closed-loop (episode i always has the seed suite_seed + i).
     Returns the raw outcomes: success per episode, steps of the successful ones, ms of every chunk prediction."""
     from tqdm import tqdm
 
-    spec = dict(SUITES[suite])
-    base_seed = spec.pop("seed") + seed_offset
-    env = sim.SO100Env(image_size=policy.image_size, **spec)
+    env, base_seed = _suite_env(suite, policy.image_size, seed_offset)
     success, steps_ok, chunk_ms, frames, final_states, outcomes, closest_cm = [], [], [], [], [], [], []
     for i in tqdm(range(first, last), desc=f"{suite}", disable=not progress, unit="ep", leave=False):
         obs, info = env.reset(seed=base_seed + i)
@@ -245,8 +250,7 @@ def condition_probe(policy, episodes: list, t: int = 0, alpha: float = 100.0, fo
         tokens = data.encode_prompt(policy.tok, ep["instruction"], policy.spatial_prompt)
         image, tokens, _ = policy._inputs({"image": ep["images"][t], "state": ep["states"][t]}, tokens)
         X.append(policy.vla.condition(image, tokens).flatten().cpu().numpy())  # (K * d,)
-        b = ep["target_box"][t]
-        Y.append([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
+        Y.append(data.box_centre(ep["target_box"][t]))
     X, Y = np.array(X, np.float64), np.array(Y, np.float64)
     pred, fold = np.zeros_like(Y), np.arange(len(X)) % folds
     for k in range(folds):
@@ -267,9 +271,9 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
     seen from the arm's base) the two objects are. A policy that follows the words turns by about that angle
     (slope ~1); one that ignores them predicts the same chunk for both (slope ~0).
     -> {"scenes", "median_pan_change_deg", "median_angle_apart_deg", "slope", "median_first_chunk_pan_move_deg"}"""
-    spec = dict(SUITES[suite])
-    base_seed = spec.pop("seed")
-    env = sim.SO100Env(image_size=policy.image_size, **spec)
+    env, base_seed = _suite_env(suite, policy.image_size)
+    vla = getattr(policy, "vla", None)
+    locate = vla is not None and vla.where is not None  # also ask the where readout (m1)
     changes, apart, moves, where_change, pixels_apart = [], [], [], [], []
     for i in range(episodes):
         obs, info = env.reset(seed=base_seed + i)
@@ -287,17 +291,16 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
             policy.reset()
             torch.manual_seed(0)  # the same diffusion noise for both: only the words differ
             pans.append(float(np.mean(policy.predict_chunk(obs, instruction)[:, 0])))
-            vla = getattr(policy, "vla", None)
-            if vla is not None and vla.where is not None:  # where the condition says the named object is (px)
+            if locate:  # where the condition says the named object is (px)
                 image, tokens, _ = policy._inputs(obs, data.encode_prompt(policy.tok, instruction, policy.spatial_prompt))
                 with torch.no_grad():
-                    wheres.append(vla.where(vla.condition(image, tokens).mean(1))[0, :2].cpu().numpy() * policy.image_size)
-        if wheres:
-            pix = sim.project(env.model, env.data, np.stack([env.data.xpos[env.model.body(f"obj{n}").id] for n in (ti, j)]),
-                              policy.image_size, policy.image_size)
+                    wheres.append(vla.locate(vla.condition(image, tokens))[0, :2].cpu().numpy() * policy.image_size)
+        pos = np.stack([env.data.xpos[env.model.body(f"obj{n}").id] for n in (ti, j)])  # (2, 3) world
+        if locate:
+            pix = sim.project(env.model, env.data, pos, policy.image_size, policy.image_size)
             where_change.append(np.linalg.norm(wheres[0] - wheres[1]))
             pixels_apart.append(np.linalg.norm(pix[0] - pix[1]))
-        angle = [math.atan2(p[1], p[0]) for p in (env.data.xpos[env.model.body(f"obj{n}").id] for n in (ti, j))]
+        angle = np.arctan2(pos[:, 1], pos[:, 0])  # pan angle of each object seen from the base
         changes.append(pans[0] - pans[1])
         apart.append(angle[0] - angle[1])
         moves.append(abs(pans[0] - obs["state"][0]))
@@ -323,9 +326,7 @@ def planner_tracking(policy, suite: str, episodes: int) -> dict:
     from the target: a planner that finds the object answers the same wherever the arm is; one that has
     learned "the object is where the gripper is" (in demonstrations it mostly is: approaching, then holding
     it) answers near the jaws. -> {"lo-hi": {"plans", "median_error_px", "nearer_jaws"}} per bin."""
-    spec = dict(SUITES[suite])
-    base_seed = spec.pop("seed")
-    env = sim.SO100Env(image_size=policy.image_size, **spec)
+    env, base_seed = _suite_env(suite, policy.image_size)
     rows = []  # (jaws-target, answer-target, answer-jaws) in px, one per plan
     for i in range(episodes):
         obs, info = env.reset(seed=base_seed + i)
@@ -345,8 +346,8 @@ def planner_tracking(policy, suite: str, episodes: int) -> dict:
 
 def _tracking_row(box, target_box, jaws) -> tuple:
     """(jaws-target, answer-target, answer-jaws) distances in px; the answer's are NaN when it did not parse."""
-    target, jaws = (np.asarray(target_box[:2]) + np.asarray(target_box[2:])) / 2, np.asarray(jaws, float)
-    answer = np.full(2, np.nan) if box is None else (np.asarray(box[:2]) + np.asarray(box[2:])) / 2
+    target, jaws = data.box_centre(target_box), np.asarray(jaws, float)
+    answer = np.full(2, np.nan) if box is None else data.box_centre(box)
     return np.linalg.norm(jaws - target), np.linalg.norm(answer - target), np.linalg.norm(answer - jaws)
 
 

@@ -736,13 +736,18 @@ class VLA(nn.Module):
         w_loss = self.where_loss(cond, where) if where is not None else None
         return a_loss, g_loss, w_loss
 
+    def locate(self, cond):
+        """The where head's reading of the condition: cond (B, K, d) -> (B, 4) object and container centres
+        in [0, 1] image units."""
+        if self.where is None:
+            raise ValueError("this VLA was built without where_head=True")
+        return self.where(cond.mean(1))
+
     def where_loss(self, cond, where):
         """Spatial guidance on the condition itself: the mean condition token must say, linearly, where the
         key object and the container are. cond (B, K, d), where (B, 4) -> MSE in [0, 1] image units over the
         entries that are not NaN."""
-        if self.where is None:
-            raise ValueError("this VLA was built without where_head=True")
-        pred = self.where(cond.mean(1))
+        pred = self.locate(cond)
         known = ~torch.isnan(where)  # the object's centre is NaN while it is in the jaws (data.object_resting)
         return F.mse_loss(pred[known], where[known])
 
