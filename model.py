@@ -1016,13 +1016,14 @@ if __name__ == "__main__":
     tokens = torch.randint(0, pcfg.vocab_size, (B, L))
     pad_mask = torch.zeros(B, L, dtype=torch.bool)
     pad_mask[1, L - 5 :] = True  # the second prompt is 5 tokens shorter
+    state = torch.rand(B, acfg.state_dim) * 2 - 1 if acfg.use_state else None  # joint angles, normalised
     with torch.no_grad():
         img_tok = vla.planner.encode_images(images)
         logits, _, hidden = vla.planner(images, tokens)
         cond = vla.condition(images, tokens, pad_mask)
         noisy = torch.randn(B, acfg.chunk_len, acfg.action_dim)
-        eps = vla.expert(noisy, torch.full((B,), 50), cond)
-        chunk = vla.predict_actions(images, tokens, pad_mask, generator=torch.Generator().manual_seed(0))
+        eps = vla.expert(noisy, torch.full((B,), 50), cond, state)
+        chunk = vla.predict_actions(images, tokens, pad_mask, state, generator=torch.Generator().manual_seed(0))
     print(f"images          {tuple(images.shape)}")
     print(f"image tokens    {tuple(img_tok.shape)}")
     print(f"text logits     {tuple(logits.shape)}")
@@ -1038,16 +1039,16 @@ if __name__ == "__main__":
     # latency of one action chunk at batch 1: planner pass + 10 DDIM steps of the DiT. Printed for the default
     # thread count and for one thread: at batch 1 the ops are tiny, and when another process keeps a core busy
     # two OpenMP threads spend their time waiting on each other (the 1-thread number is then far steadier).
-    img1, tok1 = images[:1], tokens[:1]
+    img1, tok1, state1 = images[:1], tokens[:1], None if state is None else state[:1]
     for n_threads in sorted({torch.get_num_threads(), 1}, reverse=True):
         default_threads = torch.get_num_threads()
         torch.set_num_threads(n_threads)
         for _ in range(3):
-            vla.predict_actions(img1, tok1)
+            vla.predict_actions(img1, tok1, state_norm=state1)
         times = []
         for _ in range(20):
             t0 = time.perf_counter()
-            vla.predict_actions(img1, tok1, n_ddim=10)
+            vla.predict_actions(img1, tok1, state_norm=state1, n_ddim=10)
             times.append(time.perf_counter() - t0)
         times.sort()
         torch.set_num_threads(default_threads)

@@ -418,3 +418,13 @@ def test_policy_adds_a_relative_chunk_to_the_current_state():
     # the same network output (same seed), read once as absolute targets and once as deltas from the state
     raw = data.normalize(absolute, stats["action"])
     assert np.allclose(relative, data.unnormalize(raw, stats["delta"]) + obs["state"], atol=1e-5)
+
+
+def test_model_py_runs_on_its_own():
+    """`python model.py` (the README's "run it alone") builds the default model on dummy input and prints shapes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "model.py"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "sampled chunk   (2, 8, 6)" in r.stdout
