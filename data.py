@@ -398,6 +398,18 @@ def encode_prompt(tok: tiktoken.Encoding, instruction: str, spatial_prompt: bool
     return tok.encode(text) + [tok.encode_single_token(ANSWER)]
 
 
+PLAN_QUESTION = PLACE_QUESTIONS[0]  # asked for the place point of a written plan
+
+
+def plan_tokens(tok: tiktoken.Encoding, box, point, image_size: int) -> list:
+    """The written plan, as the planner writes it: its answer to the spatial prompt (the key object's box) and to
+    PLAN_QUESTION (where the object should go), e.g. "[40,59,47,67](60,71)". Written once per episode, on the
+    first frame (the arm at rest, nothing occluded, the object still where it lies): in training from the first
+    frame's labels (teacher forcing), in control by the planner itself (model.Policy.condition_inputs).
+    With train_action.py --written-plan the planner then reads [image; prompt; plan] at every step."""
+    return tok.encode(format_box(np.clip(box, 0, image_size - 1)) + format_point(np.clip(point, 0, image_size - 1)))
+
+
 def pad_batch(seqs: list, pad_id: int, fill=None):
     """Right-pad token lists -> (tokens int64 (B, L), pad_mask bool (B, L) True on PADDING, as model.py expects)."""
     L = max(len(s) for s in seqs)
@@ -523,7 +535,7 @@ def demo_noise_offsets(rng: np.random.Generator, n_steps: int, noise: float, hol
 
 
 def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: int = 0, image_size: int = 96,
-                   progress: bool = True, noise: float = 0.0) -> str:
+                   progress: bool = True, noise: float = 0.0, paired: bool = False) -> str:
     """Run the scripted expert for n_episodes seeds and keep every episode (failed ones are marked so a resumed
     run does not redo them; training reads only successful ones). Writes norm_stats.json at the end.
 
@@ -531,10 +543,19 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
     a held random offset (demo_noise_offsets), but the *expert's* action is what is recorded. The frames then
     show the arm a little off the expert's path while the labels lead back to it: the recovery data a scripted
     expert that never misses cannot give otherwise, and the joint state no longer predicts the next action
-    by itself, so the policy has to look at the image (README, "Why the closed loop fails")."""
+    by itself, so the policy has to look at the image (README, "Why the closed loop fails").
+
+    paired=True records counterfactual pairs: episodes 2k and 2k+1 start from the same table, the same light
+    and the same start pose (the same first image), but ask for different objects (sim.retarget). Unpaired,
+    every table comes with one instruction, so a policy can learn "this table -> reach there" from the image
+    alone and never read the words (README, item 10). Paired, the first frames differ only in the words."""
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(n_episodes=n_episodes, split=split, seed=seed, image_size=image_size)
-    _check_meta(out_dir, {**meta, "noise": noise} if noise else meta)  # noise-free folders keep their old meta
+    if noise:  # folders made without these settings keep their old meta
+        meta["noise"] = noise
+    if paired:
+        meta["paired"] = True
+    _check_meta(out_dir, meta)
     if os.path.exists(os.path.join(out_dir, "norm_stats.json")) and all(
             os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz")) for i in range(n_episodes)):
         return out_dir  # already complete: training on a copied folder needs no simulator or renderer
@@ -545,7 +566,11 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
     for i in tqdm(range(n_episodes), desc=f"demos {split}", disable=not progress, unit="ep"):
         if os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz")):
             continue
-        obs, info = env.reset(seed=_scene_seed(seed, split, i) + 1)
+        obs, info = env.reset(seed=_scene_seed(seed, split, i - i % 2 if paired else i) + 1)
+        if paired and i % 2 == 1:  # the partner of episode i - 1: its table, look and start, another object
+            partner = sim.retarget(info["scene"], np.random.default_rng(_scene_seed(seed, split, i) + 3))
+            if partner is not None:
+                obs, info = env.reset(options=dict(scene=partner, look=env.look, start=env.start))
         expert = sim.ScriptedExpert(env)
         expert.reset()
         trace = trace_label(info)
@@ -651,8 +676,13 @@ class DemoDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, episodes: list, tok: tiktoken.Encoding, stats: dict, chunk: int = 8,
-                 spatial_prompt: bool = True, relative: bool = False, held_labels: bool = True):
+                 spatial_prompt: bool = True, relative: bool = False, held_labels: bool = True,
+                 written_plan: bool = False):
         self.eps, self.tok, self.stats, self.chunk, self.relative = episodes, tok, stats, chunk, relative
+        if written_plan and not spatial_prompt:
+            raise ValueError("a written plan is the answer to the spatial prompt: it needs spatial_prompt=True")
+        if written_plan and any("target_box" not in ep for ep in episodes):
+            raise ValueError("a written plan needs the key object's box and place point (sim demonstrations)")
         # held_labels=False: no object position label once it has left the table (computed once per episode)
         self.resting = None if held_labels else [object_resting(ep) if "target_box" in ep else None for ep in episodes]
         self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["actions"]))]
@@ -661,6 +691,9 @@ class DemoDataset(torch.utils.data.Dataset):
         self.image_size = episodes[0]["images"].shape[1]
         self.pad = tok.encode_single_token(PAD)
         self.prompts = [encode_prompt(tok, ep["instruction"], spatial_prompt) for ep in episodes]
+        if written_plan:  # prompt + <|answer|> + "[x1,y1,x2,y2](x,y)" from the episode's first frame
+            self.prompts = [p + plan_tokens(tok, ep["target_box"][0], ep["target_point"][0], self.image_size)
+                            for p, ep in zip(self.prompts, episodes)]
 
     def __len__(self):
         return len(self.index)
@@ -855,6 +888,7 @@ class DataArgs:
     grounding: int = 0          # grounding scenes to write
     demos: int = 0              # expert demonstrations to write
     demo_noise: float = 0.08    # DART offsets (rad) on the executed actions (generate_demos); train_action's default
+    paired: bool = False        # counterfactual pairs: two episodes per table, two different objects asked for
     split: str = "train"        # train or test
     seed: int = 0
     image_size: int = 96
@@ -881,7 +915,8 @@ def main(argv=None):
         print(f"{out}: {len(images)} scenes, {len(qa)} questions")
     if args.demos:
         out = args.out or f"out/data/demos_{args.split}"
-        generate_demos(out, args.demos, args.split, args.seed, args.image_size, noise=args.demo_noise)
+        generate_demos(out, args.demos, args.split, args.seed, args.image_size, noise=args.demo_noise,
+                       paired=args.paired)
         eps = read_demo_episodes(out, successful_only=False)
         print(f"{out}: {len(eps)} episodes, {sum(e['success'] for e in eps)} successful, "
               f"{sum(len(e['actions']) for e in eps)} frames")

@@ -229,8 +229,9 @@ def open_loop_error(policy, episodes: list, every: int = 4) -> dict:
     action expert underfits; small errors there but large on held-out ones mean it overfits."""
     errors, n = [], policy.replan_every
     for ep in episodes:
+        policy.reset()  # a written plan (if any) comes from the episode's first frame, as in control
         for t in range(0, len(ep["actions"]) - n, every):
-            policy.reset()
+            policy.reset(keep_plan=True)
             chunk = policy.predict_chunk({"image": ep["images"][t], "state": ep["states"][t]}, ep["instruction"])
             errors.append(np.abs(chunk[:n] - ep["actions"][t:t + n]).mean(0))  # (6,) radians
     deg = np.degrees(np.mean(errors, 0))
@@ -247,8 +248,8 @@ def condition_probe(policy, episodes: list, t: int = 0, alpha: float = 100.0, fo
     for ep in episodes:
         if "target_box" not in ep or len(ep["actions"]) <= t:
             continue
-        tokens = data.encode_prompt(policy.tok, ep["instruction"], policy.spatial_prompt)
-        image, tokens, _ = policy._inputs({"image": ep["images"][t], "state": ep["states"][t]}, tokens)
+        policy.reset()
+        image, tokens, _ = policy.condition_inputs({"image": ep["images"][t], "state": ep["states"][t]}, ep["instruction"])
         X.append(policy.vla.condition(image, tokens).flatten().cpu().numpy())  # (K * d,)
         Y.append(data.box_centre(ep["target_box"][t]))
     X, Y = np.array(X, np.float64), np.array(Y, np.float64)
@@ -292,7 +293,7 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
             torch.manual_seed(0)  # the same diffusion noise for both: only the words differ
             pans.append(float(np.mean(policy.predict_chunk(obs, instruction)[:, 0])))
             if locate:  # where the condition says the named object is (px)
-                image, tokens, _ = policy._inputs(obs, data.encode_prompt(policy.tok, instruction, policy.spatial_prompt))
+                image, tokens, _ = policy.condition_inputs(obs, instruction)
                 with torch.no_grad():
                     wheres.append(vla.locate(vla.condition(image, tokens))[0, :2].cpu().numpy() * policy.image_size)
         pos = np.stack([env.data.xpos[env.model.body(f"obj{n}").id] for n in (ti, j)])  # (2, 3) world

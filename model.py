@@ -835,6 +835,8 @@ class Policy:
         self.tok = data.make_tokenizer(data.ranks_from_json(config["tokenizer"]))
         self.image_size = int(config["image_size"])
         self.spatial_prompt = bool(config["spatial_prompt"])
+        self.written_plan = bool(config.get("written_plan", False))  # the planner writes its answer first
+        self.last_plan = None  # the text of the last written plan (eval.py draws it on GIFs)
         self.use_state = bool(config["use_state"])
         self.relative = bool(config.get("relative_actions", False))  # chunks are (action - state at planning)
         self.stats = config["norm_stats"]
@@ -856,10 +858,13 @@ class Policy:
                              "from train_action.py (e.g. out/m1/ckpt)")
         return cls(model, config, device, **kwargs)
 
-    def reset(self):
-        """Call at the start of every episode: forget queued actions, restart the sampling noise."""
+    def reset(self, keep_plan: bool = False):
+        """Call at the start of every episode: forget queued actions and the written plan, restart the sampling
+        noise. keep_plan=True keeps the plan (still the same episode)."""
         self.queue = []
         self.generator = torch.Generator().manual_seed(self.seed)
+        if not keep_plan:
+            self.plan = None  # (instruction, plan token ids), written on the next call
 
     def _inputs(self, obs: dict, text_tokens: list):
         state = np.asarray(obs["state"], dtype=np.float32)
@@ -870,9 +875,35 @@ class Policy:
         return image, tokens, state
 
     @torch.inference_mode()
+    def condition_inputs(self, obs: dict, instruction: str):
+        """What the planner reads for this observation: image (1,3,S,S), tokens (1,L), state (6,).
+        With a written plan, on the episode's first call the planner answers two questions itself (greedy):
+
+            [image] Your task is to put the red cube in the blue bowl. ... <|answer|>   ->  [40,59,47,67]
+            [image] put the red cube in the blue bowl. point to where it should go. <|answer|>  ->  (60,71)
+
+        and from then on the tokens are prompt + "[40,59,47,67](60,71)", the layout of training
+        (data.plan_tokens). The plan is kept until reset() or another instruction."""
+        prompt = self.data.encode_prompt(self.tok, instruction, self.spatial_prompt)
+        image, tokens, state = self._inputs(obs, prompt)
+        if self.written_plan:
+            if self.plan is None or self.plan[0] != instruction:
+                question = self.data.encode_question(self.tok, self.data.PLAN_QUESTION.format(instruction=instruction))
+                plan = self._write(image, tokens) + self._write(image, torch.tensor([question], device=self.device))
+                self.plan = (instruction, plan)
+                self.last_plan = self.tok.decode(plan)
+            tokens = torch.tensor([prompt + self.plan[1]], device=self.device)
+        return image, tokens, state
+
+    def _write(self, image, tokens) -> list:
+        """The planner's greedy answer as token ids, without special tokens (a box is 9 tokens at most)."""
+        eot = self.tok.encode_single_token(self.data.EOT)
+        return [t for t in self.vla.planner.generate(image, tokens, 12, eot)[0] if t < eot]
+
+    @torch.inference_mode()
     def predict_chunk(self, obs: dict, instruction: str) -> np.ndarray:
         """A chunk of future joint targets (chunk_len, 6) in radians."""
-        image, tokens, state = self._inputs(obs, self.data.encode_prompt(self.tok, instruction, self.spatial_prompt))
+        image, tokens, state = self.condition_inputs(obs, instruction)
         state_norm = None
         if self.use_state:
             state_norm = torch.from_numpy(self.data.normalize(state, self.stats["state"]))[None].to(self.device)

@@ -156,14 +156,38 @@ def sample_scene(rng: np.random.Generator, split: str = "train", n_objects=(2, 4
         # every name must pick out exactly one thing: no two containers of the same kind+colour (colours differ)
         if not _place(rng, objects, containers):
             continue
-        templates = TEST_TEMPLATES if split == "test" else TRAIN_TEMPLATES
-        template = templates[int(rng.integers(len(templates)))]
-        o_word = SYNONYMS[objects[ti]["shape"]][int(rng.integers(len(SYNONYMS[objects[ti]["shape"]])))]
-        c_word = SYNONYMS[containers[tc]["shape"]][int(rng.integers(len(SYNONYMS[containers[tc]["shape"]])))]
-        instruction = template.format(o=f"{objects[ti]['colour']} {o_word}", c=f"{containers[tc]['colour']} {c_word}")
-        return dict(objects=objects, containers=containers, target_object=ti, target_container=tc,
-                    instruction=instruction, template=template, combo=combo, split=split)
+        return _with_task(rng, dict(objects=objects, containers=containers, split=split), ti, tc)
     raise RuntimeError("could not sample a scene; the workspace is too small for the requested counts")
+
+
+def _with_task(rng, scene: dict, ti: int, tc: int) -> dict:
+    """The scene with object ti to go into container tc, and a freshly phrased instruction for it."""
+    objects, containers, split = scene["objects"], scene["containers"], scene["split"]
+    templates = TEST_TEMPLATES if split == "test" else TRAIN_TEMPLATES
+    template = templates[int(rng.integers(len(templates)))]
+    o_word = SYNONYMS[objects[ti]["shape"]][int(rng.integers(len(SYNONYMS[objects[ti]["shape"]])))]
+    c_word = SYNONYMS[containers[tc]["shape"]][int(rng.integers(len(SYNONYMS[containers[tc]["shape"]])))]
+    instruction = template.format(o=f"{objects[ti]['colour']} {o_word}", c=f"{containers[tc]['colour']} {c_word}")
+    combo = (objects[ti]["colour"], objects[ti]["shape"], containers[tc]["shape"])
+    return dict(scene, target_object=ti, target_container=tc, instruction=instruction, template=template,
+                combo=combo)
+
+
+def retarget(scene: dict, rng: np.random.Generator) -> dict | None:
+    """The same table (same items, same poses) with a task on a DIFFERENT object, for counterfactual
+    demonstrations (data.generate_demos(paired=True)): two episodes whose first frames are identical and whose
+    instructions and actions differ, so only the words can tell the policy which object to reach for.
+    The container is drawn again (it may stay the same). Keeps the split's rule on reserved combinations;
+    returns None when no other object allows it."""
+    split = scene["split"]
+    options = [(i, j) for i in range(len(scene["objects"])) if i != scene["target_object"]
+               for j in range(len(scene["containers"]))
+               if ((scene["objects"][i]["colour"], scene["objects"][i]["shape"], scene["containers"][j]["shape"])
+                   in TEST_COMBOS) == (split == "test")]
+    if not options:
+        return None
+    ti, tc = options[int(rng.integers(len(options)))]
+    return _with_task(rng, scene, ti, tc)
 
 
 def _place(rng, objects, containers) -> bool:
@@ -494,13 +518,17 @@ class SO100Env:
 
     # -- building a scene ------------------------------------------------------------------------------
     def reset(self, seed: int | None = None, options: dict | None = None):
-        """Start a new episode on a freshly sampled table. options may hold {"scene": dict} to replay one."""
+        """Start a new episode on a freshly sampled table. options may hold {"scene": dict} to replay one, and
+        {"look": dict, "start": (6,) joints} (self.look, self.start of an earlier episode) to replay its exact
+        lighting, camera and start pose too: then the first frame is the same image."""
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         rng = self._rng
         options = options or {}
         self.scene = options.get("scene") or sample_scene(rng, self.cfg.split, self.cfg.n_objects, self.cfg.n_containers)
-        if self.cfg.randomize:
+        if "look" in options:
+            look = dict(options["look"])
+        elif self.cfg.randomize:
             look = dict(table_rgb=tuple(rng.uniform([0.45, 0.35, 0.25], [0.75, 0.65, 0.55])),
                         camera_jitter=rng.uniform(-0.01, 0.01, 3), light=float(rng.uniform(0.5, 0.9)),
                         ambient=float(rng.uniform(0.25, 0.45)),
@@ -513,6 +541,8 @@ class SO100Env:
         self.model = mujoco.MjModel.from_xml_string(build_mjcf(self.scene, look))
         self.data = mujoco.MjData(self.model)
         q0 = HOME + rng.uniform(-0.05, 0.05, 6) * np.array([1, 1, 1, 1, 1, 0])  # a slightly different start
+        q0 = np.asarray(options.get("start", q0), np.float64)
+        self.start = q0.copy()
         self.data.qpos[:6] = q0
         self.data.ctrl[:6] = q0
         mujoco.mj_forward(self.model, self.data)

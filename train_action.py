@@ -64,10 +64,15 @@ class Config:
     held_labels: bool = True     # label the key object's position also while it is in the jaws (where head and
                                  # co-training questions); --no-held-labels was tried against the planner's
                                  # "the object is at the gripper" habit and did not help (README, item 8)
+    written_plan: bool = False   # the planner writes its answer to the spatial prompt (the key object's box) and
+                                 # the queries read it too (data.plan_tokens, model.Policy.condition_inputs): the
+                                 # latent path alone never carried WHICH object is named (README, item 11)
     early_fraction: float = 0.3  # share of each batch from the first data.EARLY_STEPS frames of an episode
     demo_noise: float = 0.08     # DART: std (rad) of held offsets on the expert's executed actions
                                  # (data.generate_demos); both variants learn from the same demonstrations
     demos: int = 400             # expert episodes to record (failed ones are dropped)
+    paired_demos: bool = False   # record them in counterfactual pairs: the same table twice, two different objects
+                                 # asked for (data.generate_demos(paired=True)), so the words decide the action
     image_size: int = 96
     chunk_len: int = 8           # Hc: future actions per prediction
     d_action: int = 128          # width of queries and DiT
@@ -161,15 +166,17 @@ def main(argv=None):
     ckpt_dir = os.path.join(cfg.out, "ckpt")
     log(f"stage 2 (actions), variant {cfg.variant}, preset {cfg.preset}, device {device} x{world}, "
         f"from_stage1={cfg.from_stage1} spatial_prompt={cfg.spatial_prompt} cotrain={cfg.cotrain} "
-        f"grad_decay={cfg.grad_decay} use_state={cfg.use_state} relative_actions={cfg.relative_actions}")
+        f"grad_decay={cfg.grad_decay} use_state={cfg.use_state} relative_actions={cfg.relative_actions} "
+        f"written_plan={cfg.written_plan} paired_demos={cfg.paired_demos}")
 
     # -- data: expert demonstrations (made once, resumable) and the stage-1 grounding set for co-training ----
     tok = data.get_tokenizer()
     noise_tag = f"_noise{cfg.demo_noise:g}" if cfg.demo_noise else ""  # DART and clean demonstrations never mix
+    noise_tag += "_paired" if cfg.paired_demos else ""
     demo_dir = os.path.join(cfg.data_dir, f"demos_train_{cfg.image_size}{noise_tag}")
     if master:
         data.generate_demos(demo_dir, cfg.demos, "train", cfg.seed, cfg.image_size, progress=cfg.progress,
-                            noise=cfg.demo_noise)
+                            noise=cfg.demo_noise, paired=cfg.paired_demos)
     if ddp:
         dist.barrier()
     episodes = data.read_demo_episodes(demo_dir)[: cfg.demos]
@@ -182,9 +189,9 @@ def main(argv=None):
     if cfg.relative_actions:  # per-step ranges of (action - state), from the training episodes only
         stats = {**stats, "delta": data.compute_delta_stats(train_eps, cfg.chunk_len)}
     train_set = data.DemoDataset(train_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions,
-                                 cfg.held_labels)
+                                 cfg.held_labels, cfg.written_plan)
     val_set = data.DemoDataset(val_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions,
-                               cfg.held_labels)
+                               cfg.held_labels, cfg.written_plan)
     log(f"demos: {len(episodes)} successful episodes, {len(train_set)} training frames, {len(val_set)} validation")
     ground_set = None
     if cfg.cotrain:
@@ -241,7 +248,8 @@ def main(argv=None):
             return
         save_checkpoint(ckpt_dir, model, {
             "stage": 2, "step": step, "variant": cfg.variant, "train_config": asdict(cfg),
-            "image_size": cfg.image_size, "spatial_prompt": cfg.spatial_prompt, "chunk_len": cfg.chunk_len,
+            "image_size": cfg.image_size, "spatial_prompt": cfg.spatial_prompt, "written_plan": cfg.written_plan,
+            "chunk_len": cfg.chunk_len,
             "use_state": cfg.use_state, "relative_actions": cfg.relative_actions, "norm_stats": stats,
             "tokenizer": data.ranks_to_json(data.load_ranks()),
             "history": history, "val_history": val_history})

@@ -282,3 +282,38 @@ def test_complete_demo_folder_needs_no_simulator(tmp_path, monkeypatch):
     os.remove(os.path.join(out, "episode_000001.npz"))
     with pytest.raises(AssertionError, match="built a simulator"):
         data.generate_demos(out, 2, "train", seed=0, image_size=32, progress=False)
+
+
+def test_paired_demos_share_the_first_image_but_not_the_object(tmp_path):
+    """Counterfactual pairs: the same first frame with two different instructions and two different targets,
+    so only the words can tell them apart."""
+    out = str(tmp_path / "paired")
+    data.generate_demos(out, 2, "train", seed=0, image_size=32, progress=False, paired=True)
+    a, b = data.read_demo_episodes(out, successful_only=False)
+    assert np.array_equal(a["images"][0], b["images"][0]) and np.array_equal(a["states"][0], b["states"][0])
+    assert a["instruction"] != b["instruction"]
+    assert not np.allclose(a["target_box"][0], b["target_box"][0])
+    # the unpaired run's first episode is the same table: pairing only replaces every second episode
+    plain = str(tmp_path / "plain")
+    data.generate_demos(plain, 1, "train", seed=0, image_size=32, progress=False)
+    assert np.array_equal(data.read_demo_episodes(plain, successful_only=False)[0]["images"], a["images"])
+
+
+def test_written_plan_is_the_first_frames_box_and_place_point(tok):
+    """DemoDataset(written_plan=True): every row of an episode is prompt + the key object's box and the place
+    point at the episode's FIRST frame, as text (the plan is written once, before the arm moves)."""
+    T = 6
+    boxes = np.stack([np.array([10 + t, 20, 30 + t, 40], np.float32) for t in range(T)])
+    ep = {"actions": np.zeros((T, 6), np.float32), "states": np.zeros((T, 6), np.float32),
+          "images": np.zeros((T, 64, 64, 3), np.uint8), "instruction": "put the red cube in the blue bowl",
+          "target_box": boxes, "container_box": boxes, "target_point": np.tile([[50.2, 70.0]], (T, 1))}
+    stats = data.compute_norm_stats([ep])
+    ds = data.DemoDataset([ep], tok, stats, 4, written_plan=True)
+    _, tokens, mask, *_ = ds.collate([ds[2], ds[5]])
+    prompt = data.encode_prompt(tok, ep["instruction"], True)
+    for row, m in zip(tokens, mask):
+        ids = row[~m].tolist()
+        assert ids[: len(prompt)] == prompt
+        assert tok.decode(ids[len(prompt):]) == "[10,20,30,40](50,63)"  # frame 0's box; the point clipped to 63
+    with pytest.raises(ValueError, match="spatial prompt"):
+        data.DemoDataset([ep], tok, stats, 4, spatial_prompt=False, written_plan=True)

@@ -428,3 +428,41 @@ def test_model_py_runs_on_its_own():
     r = subprocess.run([sys.executable, "model.py"], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sampled chunk   (2, 8, 6)" in r.stdout
+
+
+def test_written_plan_is_what_the_planner_wrote_in_the_training_layout(monkeypatch):
+    """With a written plan the policy first lets the planner answer the spatial prompt (a box) and the place
+    question (a point), then conditions on prompt + both answers: the layout of training's teacher-forced plan
+    (data.plan_tokens). The plan is written once per episode and per instruction."""
+    import numpy as np
+
+    import data
+    from model import Policy
+
+    tok = data.get_tokenizer()
+    eot = tok.encode_single_token(data.EOT)
+    vla = VLA(tiny_planner_config(vocab_size=tok.n_vocab, max_text_len=64), tiny_action_config())
+    stats = {"action": {"low": [-1.0] * 6, "high": [1.0] * 6}, "state": {"low": [-2.0] * 6, "high": [2.0] * 6}}
+    config = {"tokenizer": data.ranks_to_json(data.load_ranks()), "image_size": 24, "spatial_prompt": True,
+              "written_plan": True, "use_state": False, "norm_stats": stats, "chunk_len": 4}
+    policy = Policy(vla, config, threads=0)
+    said = {"box": "[3,4,9,10]", "point": "(12,20)", "calls": 0}
+
+    def fake_generate(images, tokens, n, eos):  # answers like a planner would: a box, or a point
+        said["calls"] += 1
+        text = tok.decode(tokens[0].tolist())
+        return [tok.encode(said["box"] if "key object" in text else said["point"]) + [eot]]
+
+    monkeypatch.setattr(vla.planner, "generate", fake_generate)
+    obs = {"image": np.zeros((24, 24, 3), np.uint8), "state": np.zeros(6, np.float32)}
+    instruction = "put the red cube in the blue bowl"
+    _, tokens, _ = policy.condition_inputs(obs, instruction)
+    assert policy.last_plan == "[3,4,9,10](12,20)"
+    expected = data.encode_prompt(tok, instruction, True) + data.plan_tokens(tok, [3, 4, 9, 10], [12, 20], 24)
+    assert tokens[0].tolist() == expected  # the end-of-text token is not part of the plan
+    first = policy.predict_chunk(obs, instruction)
+    assert said["calls"] == 2  # written once: the second call reused it
+    policy.reset()
+    said["box"] = "[15,16,20,21]"  # a new episode, and the planner says the object is elsewhere
+    assert not np.allclose(first, policy.predict_chunk(obs, instruction))
+    assert said["calls"] == 4

@@ -137,3 +137,20 @@ def test_grasp_offset_moves_only_the_grasp_keyframes_by_that_distance():
         else:
             assert np.allclose(d, 0), name
     env.close()
+
+
+def test_retarget_names_another_object_and_keeps_the_split_rule():
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        n_changed = 0
+        for _ in range(300):
+            sc = sim.sample_scene(rng, split)
+            other = sim.retarget(sc, rng)
+            if other is None:  # only allowed when no other object makes a combination legal for the split
+                continue
+            n_changed += 1
+            assert other["target_object"] != sc["target_object"]
+            assert other["objects"] == sc["objects"] and other["containers"] == sc["containers"]  # the same table
+            assert (other["combo"] in sim.TEST_COMBOS) == (split == "test")
+            assert other["objects"][other["target_object"]]["colour"] in other["instruction"]
+        assert n_changed > (200 if split == "train" else 0)
