@@ -72,6 +72,10 @@ def planner_overlay(policy, obs, info) -> dict:
         out["box"] = data.parse_box(policy.ask(obs, data.BOX_QUESTIONS[0].format(name=name[0])))
     out["point"] = data.parse_point(policy.ask(obs, data.PLACE_QUESTIONS[0].format(instruction=ins)))
     out["trace"] = data.parse_trace(policy.ask(obs, data.TRACE_QUESTIONS[0].format(instruction=ins)))
+    if getattr(policy, "written_plan", False) and policy.plan is not None:
+        # what the action expert actually reads: the plan written on the first frame, "[x1,y1,x2,y2](x,y)"
+        box, _, point = policy.last_plan.partition("(")
+        out["box"], out["point"] = data.parse_box(box), data.parse_point("(" + point)
     return out
 
 
@@ -149,7 +153,7 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
             action = policy.act(obs, info["instruction"])
             if policy.n_plans > replans:
                 chunk_ms.append(1000 * (time.perf_counter() - t0))
-                if record and t > 0:  # refresh the drawn box/point where the planner looks now
+                if record and (t > 0 or getattr(policy, "written_plan", False)):  # where the planner looks now
                     overlay = {**planner_overlay(policy, obs, info), "trace": overlay.get("trace")}
             if record:
                 frames.append(draw_frame(obs["image"], info["instruction"], overlay))
@@ -275,7 +279,8 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
     env, base_seed = _suite_env(suite, policy.image_size)
     vla = getattr(policy, "vla", None)
     locate = vla is not None and vla.where is not None  # also ask the where readout (m1)
-    changes, apart, moves, where_change, pixels_apart = [], [], [], [], []
+    changes, apart, moves, where_change, pixels_apart, plan_right = [], [], [], [], [], []
+    written = getattr(policy, "written_plan", False)
     for i in range(episodes):
         obs, info = env.reset(seed=base_seed + i)
         sc = env.scene
@@ -287,18 +292,23 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
         k = words.index(sc["objects"][ti]["colour"])  # "<colour> <noun>" of the object to pick up
         other = sc["objects"][j]
         swapped = " ".join(words[:k] + [other["colour"], sim.SYNONYMS[other["shape"]][0]] + words[k + 2:])
-        pans, wheres = [], []
+        pans, wheres, plans = [], [], []
         for instruction in (info["instruction"], swapped):
             policy.reset()
             torch.manual_seed(0)  # the same diffusion noise for both: only the words differ
             pans.append(float(np.mean(policy.predict_chunk(obs, instruction)[:, 0])))
+            if written:  # the box the planner wrote for this instruction (None if it wrote no box)
+                plans.append(data.parse_box(policy.last_plan.partition("(")[0]))
             if locate:  # where the condition says the named object is (px)
                 image, tokens, _ = policy.condition_inputs(obs, instruction)
                 with torch.no_grad():
                     wheres.append(vla.locate(vla.condition(image, tokens))[0, :2].cpu().numpy() * policy.image_size)
         pos = np.stack([env.data.xpos[env.model.body(f"obj{n}").id] for n in (ti, j)])  # (2, 3) world
+        pix = sim.project(env.model, env.data, pos, policy.image_size, policy.image_size)  # (2, 2) px
+        for named, box in enumerate(plans):  # named 0: the real instruction (object ti), 1: the swapped one (j)
+            near = box is not None and np.argmin(np.linalg.norm(pix - data.box_centre(box), axis=1)) == named
+            plan_right.append(bool(near))
         if locate:
-            pix = sim.project(env.model, env.data, pos, policy.image_size, policy.image_size)
             where_change.append(np.linalg.norm(wheres[0] - wheres[1]))
             pixels_apart.append(np.linalg.norm(pix[0] - pix[1]))
         angle = np.arctan2(pos[:, 1], pos[:, 0])  # pan angle of each object seen from the base
@@ -314,7 +324,9 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
             # with a where head: how far its answer moves when the other object is named, against how far apart
             # the two objects are in the image (a condition that knows the named object moves by about that)
             "median_where_change_px": float(np.median(where_change)) if where_change else None,
-            "median_objects_apart_px": float(np.median(pixels_apart)) if pixels_apart else None}
+            "median_objects_apart_px": float(np.median(pixels_apart)) if pixels_apart else None,
+            # with a written plan: how often the box the planner wrote is nearer the named object than the other
+            "plan_names_right_object": float(np.mean(plan_right)) if plan_right else None, "plans": len(plan_right)}
 
 
 TRACK_BINS = ((0, 4), (4, 8), (8, 16), (16, 1000))  # distance (px) from the jaws to the target in the image
@@ -491,6 +503,9 @@ ABLATION = {  # name -> extra flags for train_action.py
     "no_state": ["--no-use-state"],
     "no_where": ["--where-weight", "0"],
     "no_dart": ["--demo-noise", "0"],
+    # session 6's remedies for "the actions ignore the words" (README, item 11); not in --ablation's default set
+    "m1_plan": ["--variant", "m1", "--paired-demos", "--written-plan"],
+    "vanilla_paired": ["--variant", "vanilla", "--paired-demos"],
 }
 
 
@@ -513,7 +528,7 @@ def pipeline(args):
     r = resume(os.path.join(out, "stage1"))
     run(["train_grounding.py", *p, "--out", os.path.join(out, "stage1"), *r])
     timings["stage1 (data + training + grounding eval)" + (" (resumed)" if r else "")] = time.time() - t
-    variants = list(ABLATION) if args.ablation else args.variants
+    variants = [v for v in ABLATION if v not in ("m1_plan", "vanilla_paired")] if args.ablation else args.variants
     for v in variants:
         t = time.time()
         r = resume(os.path.join(out, v))
@@ -615,6 +630,9 @@ def main(argv=None):
                 if r["median_where_change_px"] is not None:
                     print(f"{'':>24s} | the where readout moves {r['median_where_change_px']:.1f} px; the objects are "
                           f"{r['median_objects_apart_px']:.1f} px apart in the image")
+                if r["plan_names_right_object"] is not None:
+                    print(f"{'':>24s} | the written plan's box is nearer the named object than the other in "
+                          f"{r['plan_names_right_object']:.0%} of {r['plans']} plans (both instructions)")
         return None
     if args.track_planner:
         from model import Policy

@@ -11,6 +11,8 @@ expert, while grounding keeps being trained:
     python train_action.py --preset smoke                     # < 1 minute, for tests
     python train_action.py                                    # m1, the README's laptop run (preset default)
     python train_action.py --variant vanilla --out out/vanilla  # the paper's "vanilla VLA" ablation
+    python train_action.py --paired-demos --written-plan      # m1 with counterfactual demonstration pairs
+                                                              # and a written plan (README, item 11)
     python train_action.py --no-cotrain --out out/no_cotrain  # any single component off (also
                                                               # --no-spatial-prompt, --no-from-stage1,
                                                               # --grad-decay 1.0, --no-use-state)

@@ -199,3 +199,24 @@ def test_swap_instruction_tells_a_policy_that_ignores_the_words():
     listener = Stand()
     listener.follows = True
     assert evaluation.swap_instruction(listener, "seen", 4)["median_pan_change_deg"] > 5
+
+
+def test_swap_instruction_scores_a_written_plan():
+    """With a written plan, swap_instruction also checks which of the two objects the written box is nearer;
+    a plan that is not a box never counts as right."""
+    import numpy as np
+
+    class Writer:
+        image_size = 48
+        written_plan = True
+        last_plan = None
+
+        def reset(self):
+            pass
+
+        def predict_chunk(self, obs, instruction):
+            self.last_plan = "no box here(3,4)"
+            return np.tile(np.asarray(obs["state"], np.float32), (8, 1))
+
+    r = evaluation.swap_instruction(Writer(), "seen", 3)
+    assert r["plans"] == 2 * r["scenes"] and r["plan_names_right_object"] == 0.0
