@@ -59,7 +59,7 @@ def test_open_loop_error_is_zero_for_the_expert_and_measures_an_offset_in_degree
         def __init__(self, offset):
             self.offset = offset
 
-        def reset(self):
+        def reset(self, keep_plan=False):  # the Policy interface
             pass
 
         def predict_chunk(self, obs, instruction):
@@ -127,7 +127,10 @@ def test_condition_probe_finds_a_position_only_when_the_condition_holds_one():
     class FakePolicy:
         tok, spatial_prompt, vla = data.get_tokenizer(), True, FakeVLA()
 
-        def _inputs(self, obs, tokens):
+        def reset(self, keep_plan=False):
+            pass
+
+        def condition_inputs(self, obs, instruction):
             return torch.from_numpy(obs["image"].astype(np.float32))[None], torch.zeros(1, 3), obs["state"]
 
     good = evaluation.condition_probe(FakePolicy(), eps, alpha=1.0)
