@@ -410,6 +410,12 @@ def plan_tokens(tok: tiktoken.Encoding, box, point, image_size: int) -> list:
     return tok.encode(format_box(np.clip(box, 0, image_size - 1)) + format_point(np.clip(point, 0, image_size - 1)))
 
 
+def parse_plan(text: str):
+    """A written plan "[x1,y1,x2,y2](x,y)" -> (box (4,) or None, point (2,) or None)."""
+    box, _, point = (text or "").partition("(")
+    return parse_box(box), parse_point("(" + point)
+
+
 def pad_batch(seqs: list, pad_id: int, fill=None):
     """Right-pad token lists -> (tokens int64 (B, L), pad_mask bool (B, L) True on PADDING, as model.py expects)."""
     L = max(len(s) for s in seqs)

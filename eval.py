@@ -68,14 +68,14 @@ def planner_overlay(policy, obs, info) -> dict:
     ins = info["instruction"]
     name = data._names_in_instruction(ins.split(), sim)
     out = {}
-    if name:
-        out["box"] = data.parse_box(policy.ask(obs, data.BOX_QUESTIONS[0].format(name=name[0])))
-    out["point"] = data.parse_point(policy.ask(obs, data.PLACE_QUESTIONS[0].format(instruction=ins)))
-    out["trace"] = data.parse_trace(policy.ask(obs, data.TRACE_QUESTIONS[0].format(instruction=ins)))
     if getattr(policy, "written_plan", False) and policy.plan is not None:
         # what the action expert actually reads: the plan written on the first frame, "[x1,y1,x2,y2](x,y)"
-        box, _, point = policy.last_plan.partition("(")
-        out["box"], out["point"] = data.parse_box(box), data.parse_point("(" + point)
+        out["box"], out["point"] = data.parse_plan(policy.last_plan)
+    else:
+        if name:
+            out["box"] = data.parse_box(policy.ask(obs, data.BOX_QUESTIONS[0].format(name=name[0])))
+        out["point"] = data.parse_point(policy.ask(obs, data.PLACE_QUESTIONS[0].format(instruction=ins)))
+    out["trace"] = data.parse_trace(policy.ask(obs, data.TRACE_QUESTIONS[0].format(instruction=ins)))
     return out
 
 
@@ -298,7 +298,7 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
             torch.manual_seed(0)  # the same diffusion noise for both: only the words differ
             pans.append(float(np.mean(policy.predict_chunk(obs, instruction)[:, 0])))
             if written:  # the box the planner wrote for this instruction (None if it wrote no box)
-                plans.append(data.parse_box(policy.last_plan.partition("(")[0]))
+                plans.append(data.parse_plan(policy.last_plan)[0])
             if locate:  # where the condition says the named object is (px)
                 image, tokens, _ = policy.condition_inputs(obs, instruction)
                 with torch.no_grad():

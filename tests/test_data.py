@@ -314,6 +314,9 @@ def test_written_plan_is_the_first_frames_box_and_place_point(tok):
     for row, m in zip(tokens, mask):
         ids = row[~m].tolist()
         assert ids[: len(prompt)] == prompt
-        assert tok.decode(ids[len(prompt):]) == "[10,20,30,40](50,63)"  # frame 0's box; the point clipped to 63
+        plan = tok.decode(ids[len(prompt):])
+        assert plan == "[10,20,30,40](50,63)"  # frame 0's box; the point clipped to 63
+        box, point = data.parse_plan(plan)
+        assert box.tolist() == [10, 20, 30, 40] and point.tolist() == [50, 63]
     with pytest.raises(ValueError, match="spatial prompt"):
         data.DemoDataset([ep], tok, stats, 4, spatial_prompt=False, written_plan=True)
