@@ -831,8 +831,10 @@ def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
 
     box_other_object splits the box misses: the share of box answers that overlap another thing asked about in
     the same scene more than the thing asked for (IoU > 0.1), i.e. the planner found *an* object but not the one
-    the words name (a colour/shape binding error, not a precision one)."""
+    the words name (a colour/shape binding error, not a precision one). prompt_box_acc50 and place_acc score
+    only the spatial prompt's box and the "where should it go" points: what a written plan is made of."""
     ious, box_ok, pt_ok, dfd, parsed, other = [], [], [], [], [], []
+    prompt_ok, place_ok = [], []  # the two answers a written plan is made of (plan_tokens)
     boxes_in_scene = {}  # image index -> labels of every box question about it
     for q in samples:
         if q["kind"] == "box":
@@ -847,15 +849,20 @@ def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
             rivals = [] if pred is None else [box_iou(pred, b) for b in boxes_in_scene[q.get("image")]
                                               if b != tuple(q["label"])]
             other.append(max(rivals, default=0.0) > max(iou, 0.1))
+            if q.get("question", "").endswith(SPATIAL_PROMPT.split("{instruction}")[1]):
+                prompt_ok.append(iou >= 0.5)
         elif q["kind"] in ("point", "place"):
             pt_ok.append(pred is not None and in_box(pred, q["region"], image_size))
+            if q["kind"] == "place":
+                place_ok.append(pt_ok[-1])
         else:
             true = resample_path(np.asarray(q["label"]), 16)
             # an unparsable trace counts as the worst case: the image diagonal
             dfd.append(image_size * math.sqrt(2) if pred is None else discrete_frechet(resample_path(pred, 16), true))
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
     return {"parse_rate": mean(parsed), "box_acc50": mean(box_ok), "box_miou": mean(ious),
-            "box_other_object": mean(other), "point_acc": mean(pt_ok), "trace_dfd": mean(dfd), "n": len(samples)}
+            "box_other_object": mean(other), "point_acc": mean(pt_ok), "trace_dfd": mean(dfd),
+            "prompt_box_acc50": mean(prompt_ok), "place_acc": mean(place_ok), "n": len(samples)}
 
 
 @torch.no_grad()

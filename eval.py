@@ -187,9 +187,9 @@ def _worker(job: tuple) -> dict:
     """One worker process of run_suite: its own policy (1 thread) and its own simulator and renderer."""
     from model import Policy
 
-    ckpt, replan_every, suite, first, last, seed_offset, gif_path, gif_episodes = job
-    return run_episodes(Policy.load(ckpt, replan_every=replan_every), suite, first, last, seed_offset, gif_path,
-                        gif_episodes, progress=False)
+    ckpt, replan_every, noise_scale, suite, first, last, seed_offset, gif_path, gif_episodes = job
+    return run_episodes(Policy.load(ckpt, replan_every=replan_every, noise_scale=noise_scale), suite, first, last,
+                        seed_offset, gif_path, gif_episodes, progress=False)
 
 
 def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path: str | None = None,
@@ -204,7 +204,9 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
 
         cuts = np.linspace(0, episodes, workers + 1).astype(int)
         replan_every = policy.replan_every if policy is not None else 0  # 0: the checkpoint's default
-        jobs = [(ckpt, replan_every, suite, int(a), int(b), seed_offset, gif_path if k == 0 else None, gif_episodes)
+        noise_scale = policy.noise_scale if policy is not None else 1.0
+        jobs = [(ckpt, replan_every, noise_scale, suite, int(a), int(b), seed_offset, gif_path if k == 0 else None,
+                 gif_episodes)
                 for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
         # spawn, not fork: a forked child would inherit the parent's OpenGL context and torch threads
         pool = mp.get_context("spawn").Pool(workers)
@@ -437,16 +439,17 @@ def plot_curves(ckpts: list, names: list, path: str):
 
 
 def evaluate(ckpts: list, names: list, suites: list, episodes: int, seed: int, out: str, grounding_dir: str,
-             progress: bool = True, gifs: int = 3, workers: int = 1, replan_every: int = 0) -> dict:
+             progress: bool = True, gifs: int = 3, workers: int = 1, replan_every: int = 0,
+             noise_scale: float = 1.0) -> dict:
     from model import Policy
 
     os.makedirs(out, exist_ok=True)
     results = {"machine": machine(), "episodes_per_suite": episodes, "seed": seed, "workers": workers,
-               "replan_every": replan_every or "chunk_len // 2",
+               "replan_every": replan_every or "chunk_len // 2", "noise_scale": noise_scale,
                "suites": {s: {} for s in suites},
                "grounding": {}, "checkpoints": dict(zip(names, ckpts))}
     for ck, name in zip(ckpts, names):
-        policy = Policy.load(ck, replan_every=replan_every)
+        policy = Policy.load(ck, replan_every=replan_every, noise_scale=noise_scale)
         for s in suites:
             t0 = time.time()
             r = run_suite(policy, s, episodes, seed, os.path.join(out, f"{s}_{name}.gif") if gifs else None,
@@ -574,6 +577,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="offset added to every suite's fixed seeds")
     p.add_argument("--replan-every", type=int, default=0,
                    help="actions executed from each predicted chunk before planning again (default chunk_len // 2)")
+    p.add_argument("--noise-scale", type=float, default=1.0,
+                   help="scale of the DDIM starting noise (1 = as trained, 0 = the same start every time)")
     p.add_argument("--out", default="", help="output folder (default out/eval, or out/pipeline with --pipeline)")
     p.add_argument("--preset", default="default", choices=["smoke", "default", "full"], help="pipeline size")
     p.add_argument("--pipeline", action="store_true", help="run data -> stage 1 -> stage 2 -> eval")
@@ -647,7 +652,8 @@ def main(argv=None):
                           f"answer's median error {err}, answer nearer the jaws than the target: {near}")
         return None
     return evaluate(args.ckpt, names, args.suites, args.episodes or 200, args.seed, args.out or "out/eval",
-                    args.grounding_dir, not args.no_progress, args.gifs, args.workers, args.replan_every)
+                    args.grounding_dir, not args.no_progress, args.gifs, args.workers, args.replan_every,
+                    args.noise_scale)
 
 
 if __name__ == "__main__":

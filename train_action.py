@@ -39,7 +39,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from model import (VLA, ActionExpertConfig, PlannerConfig, count_params, load_checkpoint, load_optimizer, pick_device,
+from model import (VLA, ActionExpertConfig, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizer, pick_device,
                    save_checkpoint, save_optimizer)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,6 +95,7 @@ class Config:
     eval_interval: int = 500     # validation loss on held-out episodes
     seed: int = 0
     device: str = "auto"
+    bf16: bool = True            # bfloat16 autocast where the hardware has it (model.autocast)
     resume: bool = False
     progress: bool = True
     # planner size when it starts from scratch (from stage 1 it is read from the checkpoint)
@@ -291,8 +292,9 @@ def main(argv=None):
             gb = ground_set.collate([ground_set[i] for i in rng.integers(len(ground_set), size=cfg.grounding_batch)])
             grounding = tuple(x.to(device) for x in gb)
         # the action loss's gradient reaches the planner scaled by grad_decay (model.scale_grad)
-        a_loss, g_loss, w_loss = net(images, tokens, mask, actions, state if cfg.use_state else None, cfg.grad_decay,
-                                     cfg.n_noise, grounding, where)
+        with autocast(device.split(":")[0], cfg.bf16):
+            a_loss, g_loss, w_loss = net(images, tokens, mask, actions, state if cfg.use_state else None,
+                                         cfg.grad_decay, cfg.n_noise, grounding, where)
         loss = a_loss if g_loss is None else a_loss + cfg.grounding_weight * g_loss
         loss = loss if w_loss is None else loss + cfg.where_weight * w_loss
         g_loss = torch.zeros(()) if g_loss is None else g_loss

@@ -175,6 +175,15 @@ def test_metrics_known_values():
            dict(kind="box", label=[0, 0, 10, 10], image=1)]
     m = data.grounding_metrics(two, ["[50,50,60,60]", "[50,50,60,60]", "[70,70,80,80]"], 96)
     assert m["box_acc50"] == pytest.approx(1 / 3) and m["box_other_object"] == pytest.approx(1 / 3)
+    # the written plan's two parts are also scored alone: the spatial prompt's box and the place point
+    prompt = data.SPATIAL_PROMPT.format(instruction="put the red cube in the blue bowl")
+    plan = [dict(kind="box", label=[0, 0, 10, 10], image=0, question=prompt),
+            dict(kind="box", label=[50, 50, 60, 60], image=0, question="where is the blue cube?"),
+            dict(kind="place", label=[5, 5], region=[0, 0, 10, 10], question=data.PLAN_QUESTION),
+            dict(kind="point", label=[5, 5], region=[0, 0, 10, 10], question="point to the red cube.")]
+    m = data.grounding_metrics(plan, ["[50,50,60,60]", "[50,50,60,60]", "(5,5)", "(90,90)"], 96)
+    assert m["box_acc50"] == 0.5 and m["prompt_box_acc50"] == 0.0
+    assert m["point_acc"] == 0.5 and m["place_acc"] == 1.0
 
 
 def test_demo_episode_round_trip(tmp_path):

@@ -99,6 +99,23 @@ def test_ddim_is_deterministic_given_a_seeded_generator():
     assert a.dtype == torch.float32 and a.abs().max() <= 1.0  # clipped to the normalised action range
 
 
+def test_noise_scale_zero_gives_one_chunk_whatever_the_seed_and_one_keeps_the_old_draw():
+    torch.manual_seed(0)
+    vla = VLA(tiny_planner_config(), tiny_action_config()).eval()
+    images, tokens, pad_mask, *_ = tiny_batch(B=2)
+    images, tokens, pad_mask = images[:1], tokens[:1], pad_mask[:1]
+    run = lambda seed, scale: vla.predict_actions(images, tokens, pad_mask, None, 5,  # noqa: E731
+                                                  torch.Generator().manual_seed(seed), scale)
+    assert torch.equal(run(1, 0.0), run(2, 0.0))  # x_T = 0: the seed no longer matters
+    assert not torch.equal(run(1, 1.0), run(2, 1.0))
+    cond = vla.condition(images, tokens, pad_mask)  # scale 1 = the generator's draw as x_T, as before the flag
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(1))
+    caches = vla.expert.encode_prefix(cond, None)
+    old = vla.expert.schedule.ddim_sample(lambda x, t: vla.expert.denoise(x, t, caches), (1, 4, 6), 5, g, x_T=x_T)
+    assert torch.equal(run(1, 1.0), old)
+
+
 # ----------------------------------------------------------------------------- gradient decay
 
 
