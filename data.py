@@ -255,8 +255,10 @@ def trace_label(info: dict) -> np.ndarray:
     return t[[0, 1, 2, 4, 5]]
 
 
-def scene_questions(info: dict, rng: np.random.Generator, image_size: int) -> list:
-    """Every grounding question we ask about one scene, with its answer text and the label to score it by."""
+def scene_questions(info: dict, rng: np.random.Generator, image_size: int, counterfactual_prompts: int = 0) -> list:
+    """Every grounding question we ask about one scene, with its answer text and the label to score it by.
+    counterfactual_prompts > 0 adds that many more spatial prompts on the same table for tasks on *other*
+    objects (sim.retarget), each answered with its own object's box (off by default; README, stage 1)."""
     import sim
 
     sc = info["scene"]
@@ -286,6 +288,23 @@ def scene_questions(info: dict, rng: np.random.Generator, image_size: int) -> li
     trace = trace_label(info)
     q = TRACE_QUESTIONS[int(rng.integers(len(TRACE_QUESTIONS)))].format(instruction=ins)
     qa.append(dict(kind="trace", question=q, answer=format_trace(clip(trace)), label=trace.tolist()))
+    # the same picture and the same sentence with another object named: only binding the words to the objects
+    # tells these answers apart. Drawn last, from their own stream, so the questions above stay as they were.
+    crng = np.random.default_rng(int(rng.integers(2**62))) if counterfactual_prompts else None
+    named = {sc["target_object"]}
+    for _ in range(counterfactual_prompts * 4):  # a few draws each, to name objects not named yet
+        if len(named) > counterfactual_prompts:
+            break
+        other = sim.retarget(sc, crng)
+        if other is None:  # a one-object table, or no other object allowed by the split
+            break
+        if other["target_object"] in named:
+            continue
+        named.add(other["target_object"])
+        o = other["objects"][other["target_object"]]
+        box = info["boxes"][f"{o['colour']} {o['shape']}"]
+        qa.append(dict(kind="box", question=SPATIAL_PROMPT.format(instruction=other["instruction"]),
+                       answer=format_box(clip(box)), label=list(map(float, box))))
     return qa
 
 
@@ -301,7 +320,8 @@ def _atomic_savez(path: str, **arrays):
 
 
 def generate_grounding(out_dir: str, n_scenes: int, split: str = "train", seed: int = 0, image_size: int = 96,
-                       shard_size: int = 250, progress: bool = True, n_objects=(2, 4), n_containers=(1, 2)) -> str:
+                       shard_size: int = 250, progress: bool = True, n_objects=(2, 4), n_containers=(1, 2),
+                       counterfactual_prompts: int = 0) -> str:
     """Write n_scenes grounding scenes as shards `shard_00000.npz` (images uint8 (n,H,W,3), qa JSON).
     Shards already on disk are kept, so an interrupted run continues where it stopped.
     n_objects / n_containers (inclusive ranges) default to sim.py's tables; train_grounding.py also makes a
@@ -312,6 +332,8 @@ def generate_grounding(out_dir: str, n_scenes: int, split: str = "train", seed: 
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(n_scenes=n_scenes, split=split, seed=seed, image_size=image_size, shard_size=shard_size,
                 n_objects=list(n_objects), n_containers=list(n_containers), questions=QUESTIONS_VERSION)
+    if counterfactual_prompts:  # only then, so folders written before this option still match their meta
+        meta["counterfactual_prompts"] = counterfactual_prompts
     _check_meta(out_dir, meta)
     env = sim.SO100Env(image_size=image_size, split=split, n_objects=tuple(n_objects), n_containers=tuple(n_containers))
     n_shards = math.ceil(n_scenes / shard_size)
@@ -327,7 +349,7 @@ def generate_grounding(out_dir: str, n_scenes: int, split: str = "train", seed: 
             s = _scene_seed(seed, split, i)
             obs, info = env.reset(seed=s)
             images.append(obs["image"])
-            for q in scene_questions(info, np.random.default_rng(s), image_size):
+            for q in scene_questions(info, np.random.default_rng(s), image_size, counterfactual_prompts):
                 q["image"] = i - lo
                 qa.append(q)
             bar.update(1)

@@ -63,13 +63,13 @@ class Config:
     curriculum_scenes: int = 2000  # extra training tables with 1 object and 1 container ...
     curriculum_steps: int = 500  # ... that the first steps train on (0 = no curriculum); see CURRICULUM below
     curriculum_batch_size: int = 32  # those tables are small (~5 questions), so twice as many per step
-    curriculum_objects: int = 1  # the curriculum's tables have 1..this many objects (and one container)
+    counterfactual_prompts: int = 0  # per training table, this many more spatial prompts naming another object
+                                     # (data.scene_questions; its own data folder); 2 gave no clear gain (README)
     packed: bool = True          # pack all questions of a scene in one row (~3x cheaper per question); with
                                  # --no-packed the question joins the image in the bidirectional prefix
     max_steps: int = 2600         # 500 curriculum steps (~0.5 s) + 2100 on full tables (~0.34 s): 20 min with the data
-    lr: float = 6e-4             # from scratch; the paper's 1e-5 is for fine-tuning a pre-trained VLM. Without the
-                                 # curriculum, 1e-3 never learned to look at the image (see CURRICULUM); with it,
-                                 # 6e-4 and 1e-3 bind words to objects faster than 3e-4 (README, stage 1)
+    lr: float = 6e-4             # from scratch; the paper's 1e-5 is for fine-tuning a pre-trained VLM. With the
+                                 # curriculum, 6e-4 and 1e-3 bind words to objects much faster than 3e-4 (README)
     min_lr: float = 3e-5
     warmup: int = 50
     weight_decay: float = 0.05
@@ -78,7 +78,7 @@ class Config:
     eval_interval: int = 1000
     seed: int = 0
     device: str = "auto"         # auto picks cuda, then mps, then cpu
-    bf16: bool = True            # bfloat16 autocast where the hardware has it (~1.3x faster here; model.autocast)
+    bf16: bool = True            # bfloat16 autocast where the hardware has it (~1.1x faster here; model.autocast)
     resume: bool = False         # continue from OUT/ckpt (weights, optimizer, step)
     progress: bool = True        # tqdm progress bars
 
@@ -203,17 +203,18 @@ def main(argv=None):
 
     # -- data: rendered once, resumable; test scenes come from the test split (reserved tasks, phrasings) ---
     tok = data.get_tokenizer()
-    train_dir = os.path.join(cfg.data_dir, f"grounding_train_{cfg.image_size}")
+    cf = f"_cf{cfg.counterfactual_prompts}" if cfg.counterfactual_prompts else ""
+    train_dir = os.path.join(cfg.data_dir, f"grounding_train_{cfg.image_size}{cf}")
     test_dir = os.path.join(cfg.data_dir, f"grounding_test_{cfg.image_size}")
-    data.generate_grounding(train_dir, cfg.train_scenes, "train", cfg.seed, cfg.image_size, progress=cfg.progress)
+    data.generate_grounding(train_dir, cfg.train_scenes, "train", cfg.seed, cfg.image_size, progress=cfg.progress,
+                            counterfactual_prompts=cfg.counterfactual_prompts)
     data.generate_grounding(test_dir, cfg.test_scenes, "test", cfg.seed, cfg.image_size, progress=cfg.progress)
     train_set = data.GroundingDataset(train_dir, tok, max_scenes=cfg.train_scenes, packed=cfg.packed)
     easy_set = None
     if cfg.curriculum_steps > 0:  # 1 object + 1 container per table, other seeds than the main set
-        n_easy = cfg.curriculum_objects
-        easy_dir = os.path.join(cfg.data_dir, f"grounding_easy{n_easy if n_easy > 1 else ''}_{cfg.image_size}")
+        easy_dir = os.path.join(cfg.data_dir, f"grounding_easy_{cfg.image_size}")
         data.generate_grounding(easy_dir, cfg.curriculum_scenes, "train", cfg.seed + 1, cfg.image_size,
-                                progress=cfg.progress, n_objects=(1, n_easy), n_containers=(1, 1))
+                                progress=cfg.progress, n_objects=(1, 1), n_containers=(1, 1))
         easy_set = data.GroundingDataset(easy_dir, tok, max_scenes=cfg.curriculum_scenes, packed=cfg.packed)
     test_images, test_qa = data.load_grounding(test_dir, max_scenes=cfg.test_scenes)
     eval_qa = [q for q in test_qa if q["image"] < cfg.eval_scenes]

@@ -72,6 +72,26 @@ def test_labels_agree_with_the_scene():
         assert data.in_box(trace[4], info["container_box"], 96)
 
 
+def test_counterfactual_prompts_name_other_objects_and_keep_the_usual_questions():
+    env = sim.SO100Env(image_size=96)
+    for seed in range(4):
+        obs, info = env.reset(seed=seed)
+        usual = data.scene_questions(info, np.random.default_rng(seed), 96)
+        more = data.scene_questions(info, np.random.default_rng(seed), 96, counterfactual_prompts=2)
+        assert more[:len(usual)] == usual  # the usual questions are untouched
+        extra, sc = more[len(usual):], info["scene"]
+        assert 1 <= len(extra) <= min(2, len(sc["objects"]) - 1)
+        answers = [tuple(data.parse_box(q["answer"])) for q in extra]
+        assert len(set(answers)) == len(answers)  # each names a different object
+        for q, box in zip(extra, answers):
+            assert q["kind"] == "box" and q["question"].startswith("Your task is to")
+            assert q["question"] != data.SPATIAL_PROMPT.format(instruction=info["instruction"])
+            # answered with the box of another object on the table, the one whose colour the sentence says
+            o = [o for o in sc["objects"] if np.allclose(box, np.round(info["boxes"][f"{o['colour']} {o['shape']}"]), atol=1)]
+            assert len(o) == 1 and o[0] is not sc["objects"][sc["target_object"]]
+            assert f"{o[0]['colour']} " in q["question"]
+
+
 def test_grounding_shards_are_deterministic_and_resumable(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     data.generate_grounding(a, 5, seed=1, image_size=48, shard_size=2, progress=False)
