@@ -854,9 +854,14 @@ def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
     box_other_object splits the box misses: the share of box answers that overlap another thing asked about in
     the same scene more than the thing asked for (IoU > 0.1), i.e. the planner found *an* object but not the one
     the words name (a colour/shape binding error, not a precision one). prompt_box_acc50 and place_acc score
-    only the spatial prompt's box and the "where should it go" points: what a written plan is made of."""
+    only the spatial prompt's box and the "where should it go" points: what a written plan is made of;
+    object_box_acc50 the other box questions about a graspable object (not a container)."""
+    import sim
+
     ious, box_ok, pt_ok, dfd, parsed, other = [], [], [], [], [], []
     prompt_ok, place_ok = [], []  # the two answers a written plan is made of (plan_tokens)
+    object_ok = []  # box questions about a graspable object only (the containers are big and easier)
+    container_words = {w for shape in sim.CONTAINERS for w in sim.SYNONYMS[shape]}
     boxes_in_scene = {}  # image index -> labels of every box question about it
     for q in samples:
         if q["kind"] == "box":
@@ -873,6 +878,8 @@ def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
             other.append(max(rivals, default=0.0) > max(iou, 0.1))
             if q.get("question", "").endswith(SPATIAL_PROMPT.split("{instruction}")[1]):
                 prompt_ok.append(iou >= 0.5)
+            elif "question" in q and not container_words & set(q["question"].rstrip("?.").split()):
+                object_ok.append(iou >= 0.5)
         elif q["kind"] in ("point", "place"):
             pt_ok.append(pred is not None and in_box(pred, q["region"], image_size))
             if q["kind"] == "place":
@@ -884,7 +891,8 @@ def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
     return {"parse_rate": mean(parsed), "box_acc50": mean(box_ok), "box_miou": mean(ious),
             "box_other_object": mean(other), "point_acc": mean(pt_ok), "trace_dfd": mean(dfd),
-            "prompt_box_acc50": mean(prompt_ok), "place_acc": mean(place_ok), "n": len(samples)}
+            "prompt_box_acc50": mean(prompt_ok), "object_box_acc50": mean(object_ok), "place_acc": mean(place_ok),
+            "n": len(samples)}
 
 
 @torch.no_grad()

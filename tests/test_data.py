@@ -202,7 +202,7 @@ def test_metrics_known_values():
             dict(kind="place", label=[5, 5], region=[0, 0, 10, 10], question=data.PLAN_QUESTION),
             dict(kind="point", label=[5, 5], region=[0, 0, 10, 10], question="point to the red cube.")]
     m = data.grounding_metrics(plan, ["[50,50,60,60]", "[50,50,60,60]", "(5,5)", "(90,90)"], 96)
-    assert m["box_acc50"] == 0.5 and m["prompt_box_acc50"] == 0.0
+    assert m["box_acc50"] == 0.5 and m["prompt_box_acc50"] == 0.0 and m["object_box_acc50"] == 1.0
     assert m["point_acc"] == 0.5 and m["place_acc"] == 1.0
 
 
