@@ -862,6 +862,7 @@ def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
     prompt_ok, place_ok = [], []  # the two answers a written plan is made of (plan_tokens)
     object_ok = []  # box questions about a graspable object only (the containers are big and easier)
     container_words = {w for shape in sim.CONTAINERS for w in sim.SYNONYMS[shape]}
+    prompt_tail = SPATIAL_PROMPT.split("{instruction}")[1]  # every spatial prompt ends with this
     boxes_in_scene = {}  # image index -> labels of every box question about it
     for q in samples:
         if q["kind"] == "box":
@@ -876,7 +877,7 @@ def grounding_metrics(samples: list, answers: list, image_size: int) -> dict:
             rivals = [] if pred is None else [box_iou(pred, b) for b in boxes_in_scene[q.get("image")]
                                               if b != tuple(q["label"])]
             other.append(max(rivals, default=0.0) > max(iou, 0.1))
-            if q.get("question", "").endswith(SPATIAL_PROMPT.split("{instruction}")[1]):
+            if q.get("question", "").endswith(prompt_tail):
                 prompt_ok.append(iou >= 0.5)
             elif "question" in q and not container_words & set(q["question"].rstrip("?.").split()):
                 object_ok.append(iou >= 0.5)

@@ -187,9 +187,9 @@ def _worker(job: tuple) -> dict:
     """One worker process of run_suite: its own policy (1 thread) and its own simulator and renderer."""
     from model import Policy
 
-    ckpt, replan_every, noise_scale, suite, first, last, seed_offset, gif_path, gif_episodes = job
-    return run_episodes(Policy.load(ckpt, replan_every=replan_every, noise_scale=noise_scale), suite, first, last,
-                        seed_offset, gif_path, gif_episodes, progress=False)
+    ckpt, policy_kwargs, suite, first, last, seed_offset, gif_path, gif_episodes = job
+    return run_episodes(Policy.load(ckpt, **policy_kwargs), suite, first, last, seed_offset, gif_path, gif_episodes,
+                        progress=False)
 
 
 def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path: str | None = None,
@@ -203,10 +203,9 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
         import multiprocessing as mp
 
         cuts = np.linspace(0, episodes, workers + 1).astype(int)
-        replan_every = policy.replan_every if policy is not None else 0  # 0: the checkpoint's default
-        noise_scale = policy.noise_scale if policy is not None else 1.0
-        jobs = [(ckpt, replan_every, noise_scale, suite, int(a), int(b), seed_offset, gif_path if k == 0 else None,
-                 gif_episodes)
+        # the workers load the checkpoint themselves, with the same control settings as `policy` (if given)
+        policy_kwargs = {} if policy is None else dict(replan_every=policy.replan_every, noise_scale=policy.noise_scale)
+        jobs = [(ckpt, policy_kwargs, suite, int(a), int(b), seed_offset, gif_path if k == 0 else None, gif_episodes)
                 for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
         # spawn, not fork: a forked child would inherit the parent's OpenGL context and torch threads
         pool = mp.get_context("spawn").Pool(workers)
