@@ -368,8 +368,10 @@ def _check_meta(out_dir: str, meta: dict):
         keys = [k for k in meta if k != "n_scenes" and k != "n_episodes"]
         if any(old.get(k) != meta[k] for k in keys):
             raise ValueError(f"{out_dir} holds data made with {old}, not {meta}: use another --out or delete it")
-    with open(path, "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # write then rename: two runs sharing a folder never read half a file
+    with open(tmp, "w") as f:
         json.dump(meta, f)
+    os.replace(tmp, path)
 
 
 def load_grounding(data_dir: str, max_scenes: int | None = None):

@@ -88,7 +88,11 @@ PRESETS = {
                   lm_layers=1, batch_size=4, max_steps=30, warmup=5, log_interval=10, eval_interval=30,
                   curriculum_scenes=8, curriculum_steps=10, curriculum_batch_size=4),
     "default": dict(),
-    "full": dict(train_scenes=10000, test_scenes=500, eval_scenes=200, max_steps=12000, eval_interval=2000),
+    # full: the default's data and model, 12000 steps. Measured on an H100 (README, "Stage 1 on a GPU"): box
+    # Acc@0.5 99.0%, point 99.3%, trace DFD 0.95 px on the 300 test scenes, in 6.2 min of training. Between
+    # steps ~3000 and ~6000 the boxes jump from ~54% to ~98%: the words bind to the objects. On 2 CPU cores the
+    # same run would take ~70 min, which is why the default stops at 2600 steps (before that jump).
+    "full": dict(max_steps=12000),
 }
 
 
