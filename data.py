@@ -451,6 +451,42 @@ def pad_batch(seqs: list, pad_id: int, fill=None):
     return out, mask
 
 
+def patch_classes() -> tuple:
+    """Class counts of the patch labels below: (colours + 1, shapes + 1); class 0 is "table, no item"."""
+    import sim
+    return (len(sim.PALETTE) + 1, len(sim.SHAPES) + len(sim.CONTAINERS) + 1)
+
+
+def patch_labels(questions: list, image_size: int, patch_size: int) -> np.ndarray:
+    """What each image patch shows, read off one scene's plain box questions (each names one item and gives its
+    box): int64 (2, n_patches) = (colour class, shape class), row-major like the planner's image tokens.
+
+    A patch gets an item's classes when it holds a quarter of the item's box (a small object) or the box covers
+    half the patch (a container); containers are written first and objects over them, so a cube in a bowl labels its patch "cube". For the --patch-aux loss of
+    train_grounding.py: it tells the image tokens directly which colour and shape they show."""
+    import sim
+    g = image_size // patch_size
+    labels = np.zeros((2, g, g), np.int64)
+    colours, shapes = list(sim.PALETTE), list(sim.SHAPES + sim.CONTAINERS)
+    noun = {w: shape for shape, words in sim.SYNONYMS.items() for w in words}
+    items = []
+    for q in questions:
+        names = _names_in_instruction(re.findall(r"[a-z]+", q["question"].lower()), sim) if q["kind"] == "box" else []
+        if len(names) == 1:  # "where is the red can?"; the spatial prompt names two things and is skipped
+            colour, word = names[0].split()
+            items.append((colour, noun[word], q["label"]))
+    items.sort(key=lambda it: it[1] in sim.SHAPES)  # containers first, objects on top
+    edges = np.arange(g + 1) * patch_size
+    for colour, shape, (x1, y1, x2, y2) in items:
+        ox = np.clip(np.minimum(edges[1:], x2) - np.maximum(edges[:-1], x1), 0, None)  # (g,) overlap per column
+        oy = np.clip(np.minimum(edges[1:], y2) - np.maximum(edges[:-1], y1), 0, None)  # (g,) overlap per row
+        area = oy[:, None] * ox[None, :]  # (g, g) pixels of the box in each patch
+        hit = (area >= 0.25 * (x2 - x1) * (y2 - y1)) | (area >= 0.5 * patch_size ** 2)  # small item | large one
+        labels[0][hit] = colours.index(colour) + 1
+        labels[1][hit] = shapes.index(shape) + 1
+    return labels.reshape(2, g * g)
+
+
 class GroundingDataset(torch.utils.data.Dataset):
     """Grounding Q/A for training. Item i is image i with ALL of its questions, packed into one row:
 
@@ -465,10 +501,11 @@ class GroundingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_dir: str, tok: tiktoken.Encoding, max_scenes: int | None = None,
-                 images=None, qa=None, packed: bool = False):
+                 images=None, qa=None, packed: bool = False, patch_size: int = 0):
         if images is None:
             images, qa = load_grounding(data_dir, max_scenes)
         self.images, self.qa, self.tok, self.packed = images, qa, tok, packed
+        self.patch_size = patch_size  # > 0: packed batches also carry patch_labels (B, 2, n_patches)
         self.image_size = images.shape[1]
         self.pad, self.eot = tok.encode_single_token(PAD), tok.encode_single_token(EOT)
         self.by_image = {}
@@ -485,7 +522,8 @@ class GroundingDataset(torch.utils.data.Dataset):
                                 for q in qs]
 
     def collate(self, batch):
-        """-> images, tokens, targets, segments, positions (packed) or images, tokens, targets, prefix_len."""
+        """-> images, tokens, targets, segments, positions (packed; + patch labels when patch_size > 0) or
+        images, tokens, targets, prefix_len."""
         if not self.packed:  # one question per row; the question is the planner's bidirectional prefix
             images = preprocess_image(self.images[[b[0] for b in batch]], self.image_size)
             q, a = [b[1][0][0] for b in batch], [b[1][0][1] for b in batch]
@@ -506,6 +544,9 @@ class GroundingDataset(torch.utils.data.Dataset):
         targets, _ = pad_batch([r[1] for r in rows], self.pad, fill=-100)
         segments, _ = pad_batch([r[2] for r in rows], self.pad, fill=-1)
         positions, _ = pad_batch([r[3] for r in rows], self.pad, fill=0)
+        if self.patch_size:  # what each patch shows, for the auxiliary loss (train_grounding.py --patch-aux)
+            labels = np.stack([patch_labels(self.by_image[b[0]], self.image_size, self.patch_size) for b in batch])
+            return images, tokens, targets, segments, positions, torch.from_numpy(labels)  # labels (B, 2, P)
         return images, tokens, targets, segments, positions
 
 

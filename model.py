@@ -103,6 +103,9 @@ class PlannerConfig:
     # coordinates are ordered: a number token is scored against a Gaussian over its neighbours (std in pixels),
     # so "46" for a true "47" costs little and "10" a lot (see Planner.answer_loss). 0 = plain cross-entropy.
     coord_sigma: float = 1.0
+    # class counts of an auxiliary head on the image tokens that names what each patch shows (colour, shape;
+    # data.patch_classes). Empty: no head. Only stage 1 trains it (train_grounding.py --patch-aux).
+    patch_classes: tuple = ()
 
     @property
     def n_image_tokens(self) -> int:
@@ -293,6 +296,8 @@ class Planner(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.lm_blocks = nn.ModuleList([Block(d, c.n_heads, c.dropout) for _ in range(c.lm_layers)])
         self.ln_f = nn.LayerNorm(d)
+        if c.patch_classes:  # see patch_loss
+            self.patch_head = nn.Linear(d, sum(c.patch_classes))
         # the output head reuses tok_emb.weight (weight tying, as in GPT-2); no separate parameter, so the
         # safetensors file never holds two names for one tensor
         # prefix-LM mask over [image; text], True = may attend
@@ -418,6 +423,17 @@ class Planner(nn.Module):
         w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
         kl = (w * (w.clamp_min(1e-12).log() - logp)).sum(1)  # (N,)
         return torch.where(tv >= 0, kl, hard).mean()
+
+    def patch_loss(self, hidden, labels):
+        """Auxiliary loss: name what each image patch shows. hidden (B,P+L,d) from forward, labels (B,K,P) int64
+        (data.patch_labels: K = 2, colour and shape, 0 = table). Cross-entropy of a linear head on the last
+        layer's image tokens, averaged over patches and the K label kinds.
+        Why: the paper starts from a VLM that already knows what "red" and "cube" look like; this planner starts
+        from scratch and must discover it from the answers alone, which is slow (README, stage 1)."""
+        logits = self.patch_head(hidden[:, : self.config.n_image_tokens]).float()  # (B, P, sum(classes))
+        losses = [F.cross_entropy(part.flatten(0, 1), labels[:, k].flatten())
+                  for k, part in enumerate(logits.split(list(self.config.patch_classes), dim=-1))]
+        return sum(losses) / len(losses)
 
     def hidden_states(self, images, tokens, pad_mask=None):
         """For stage 2 and control: no decoding, just the last layer. Returns hidden (B,P+L,d) and a key padding

@@ -65,6 +65,8 @@ class Config:
     curriculum_batch_size: int = 32  # those tables are small (~5 questions), so twice as many per step
     counterfactual_prompts: int = 0  # per training table, this many more spatial prompts naming another object
                                      # (data.scene_questions; its own data folder); 2 gave no clear gain (README)
+    patch_aux: float = 0.0       # weight of an auxiliary loss naming each patch's colour and shape
+                                 # (model.Planner.patch_loss; needs --packed); 0 = off: no gain (README)
     packed: bool = True          # pack all questions of a scene in one row (~3x cheaper per question); with
                                  # --no-packed the question joins the image in the bidirectional prefix
     max_steps: int = 2600         # 500 curriculum steps (~0.5 s) + 2100 on full tables (~0.34 s): 20 min with the data
@@ -213,13 +215,18 @@ def main(argv=None):
     data.generate_grounding(train_dir, cfg.train_scenes, "train", cfg.seed, cfg.image_size, progress=cfg.progress,
                             counterfactual_prompts=cfg.counterfactual_prompts)
     data.generate_grounding(test_dir, cfg.test_scenes, "test", cfg.seed, cfg.image_size, progress=cfg.progress)
-    train_set = data.GroundingDataset(train_dir, tok, max_scenes=cfg.train_scenes, packed=cfg.packed)
+    if cfg.patch_aux and not cfg.packed:
+        raise ValueError("--patch-aux needs packed rows (drop --no-packed)")
+    aux_patch = cfg.patch_size if cfg.patch_aux else 0  # > 0: batches carry patch labels (data.patch_labels)
+    train_set = data.GroundingDataset(train_dir, tok, max_scenes=cfg.train_scenes, packed=cfg.packed,
+                                      patch_size=aux_patch)
     easy_set = None
     if cfg.curriculum_steps > 0:  # 1 object + 1 container per table, other seeds than the main set
         easy_dir = os.path.join(cfg.data_dir, f"grounding_easy_{cfg.image_size}")
         data.generate_grounding(easy_dir, cfg.curriculum_scenes, "train", cfg.seed + 1, cfg.image_size,
                                 progress=cfg.progress, n_objects=(1, 1), n_containers=(1, 1))
-        easy_set = data.GroundingDataset(easy_dir, tok, max_scenes=cfg.curriculum_scenes, packed=cfg.packed)
+        easy_set = data.GroundingDataset(easy_dir, tok, max_scenes=cfg.curriculum_scenes, packed=cfg.packed,
+                                         patch_size=aux_patch)
     test_images, test_qa = data.load_grounding(test_dir, max_scenes=cfg.test_scenes)
     eval_qa = [q for q in test_qa if q["image"] < cfg.eval_scenes]
     print(f"train: {len(train_set.images)} scenes, {len(train_set.qa)} questions | test: {len(test_images)} scenes, "
@@ -228,7 +235,7 @@ def main(argv=None):
     # -- model --------------------------------------------------------------------------------------------
     mcfg = PlannerConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=tok.n_vocab, number_values=data.number_values(tok), prompt_in_prefix=not cfg.packed,
                          d_model=cfg.d_model, vit_layers=cfg.vit_layers, lm_layers=cfg.lm_layers, n_heads=cfg.n_heads,
-                         coord_sigma=cfg.coord_sigma)
+                         coord_sigma=cfg.coord_sigma, patch_classes=data.patch_classes() if cfg.patch_aux else ())
     model = Planner(mcfg).to(device)
     print(f"planner: {count_params(model) / 1e6:.2f}M parameters, {mcfg.n_image_tokens} image tokens")
 
@@ -283,12 +290,16 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast(device, cfg.bf16):
-            if cfg.packed:  # images, tokens, targets, segments, positions
-                _, loss, _ = model(*batch)
+            if cfg.packed:  # images, tokens, targets, segments, positions (+ patch labels with --patch-aux)
+                _, loss, hidden = model(*batch[:5])
             else:  # images, tokens, targets, prefix_len
                 _, loss, _ = model(*batch[:3], prefix_len=batch[3])  # mean loss over all answer tokens
+            total = loss  # the answer loss; logged and plotted alone
+            if cfg.patch_aux:
+                patch_loss = model.patch_loss(hidden, batch[5])
+                total = loss + cfg.patch_aux * patch_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
@@ -299,7 +310,8 @@ def main(argv=None):
             history.append({"step": step, "loss": loss.item(), "lr": lr})
             eta = dt * (cfg.max_steps - step) / 60
             tqdm.write(f"step {step:6d} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
-                       f"{n_questions / dt:.0f} questions/s | eta {eta:.1f} min" + (" | curriculum: 1-object tables" if easy else ""))
+                       f"{n_questions / dt:.0f} questions/s | eta {eta:.1f} min" + (" | curriculum: 1-object tables" if easy else "")
+                       + (f" | patch loss {patch_loss.item():.3f}" if cfg.patch_aux else ""))
         if step % cfg.eval_interval == 0 and step < cfg.max_steps:
             metrics, _ = evaluate(eval_qa)
             evals.append({"step": step, **metrics})

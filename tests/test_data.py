@@ -72,6 +72,37 @@ def test_labels_agree_with_the_scene():
         assert data.in_box(trace[4], info["container_box"], 96)
 
 
+def test_patch_labels_name_the_items_in_their_patches():
+    # a 48 px image cut into 12 px patches (4x4); a red cube in a blue bowl, a white can alone, and the spatial
+    # prompt (it names two items, so it gives no label)
+    qs = [dict(kind="box", question="where is the blue bowl?", label=[0.0, 0.0, 23.0, 23.0]),
+          dict(kind="box", question="locate the red block.", label=[13.0, 13.0, 18.0, 18.0]),
+          dict(kind="box", question="find the white can.", label=[38.0, 38.0, 43.0, 43.0]),
+          dict(kind="box", question=data.SPATIAL_PROMPT.format(instruction="put the red cube in the blue bowl"),
+               label=[40.0, 2.0, 45.0, 7.0]),
+          dict(kind="point", question="point to the white can.", label=[40.0, 40.0])]
+    colours, shapes = list(sim.PALETTE), list(sim.SHAPES + sim.CONTAINERS)
+    c, s = data.patch_labels(qs, 48, 12).reshape(2, 4, 4)
+    assert data.patch_classes() == (len(colours) + 1, len(shapes) + 1)
+    bowl = (colours.index("blue") + 1, shapes.index("bowl") + 1)
+    assert [(c[0, 0], s[0, 0]), (c[0, 1], s[0, 1]), (c[1, 0], s[1, 0])] == [bowl] * 3  # the bowl's patches
+    assert (c[1, 1], s[1, 1]) == (colours.index("red") + 1, shapes.index("cube") + 1)  # the cube, over the bowl
+    assert (c[3, 3], s[3, 3]) == (colours.index("white") + 1, shapes.index("cylinder") + 1)  # "can" -> cylinder
+    assert c[0, 3] == 0 and s[0, 3] == 0  # where only the spatial prompt's box is: table
+    assert (c > 0).sum() == 5 and ((c > 0) == (s > 0)).all()
+
+
+def test_collate_adds_patch_labels_only_when_asked(tok, tmp_path):
+    d = data.generate_grounding(str(tmp_path / "g"), 3, "train", 0, 48, progress=False)
+    plain = data.GroundingDataset(d, tok, packed=True).collate([data.GroundingDataset(d, tok, packed=True)[i]
+                                                               for i in range(2)])
+    ds = data.GroundingDataset(d, tok, packed=True, patch_size=12)
+    batch = ds.collate([ds[i] for i in range(2)])
+    assert len(plain) == 5 and len(batch) == 6 and batch[5].shape == (2, 2, 16)
+    assert all(torch.equal(a, b) for a, b in zip(plain, batch[:5]))
+    assert (batch[5][:, 0] > 0).sum(1).min() >= 2  # every table has at least one object and one container
+
+
 def test_counterfactual_prompts_name_other_objects_and_keep_the_usual_questions():
     env = sim.SO100Env(image_size=96)
     for seed in range(4):

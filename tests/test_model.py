@@ -170,6 +170,21 @@ def test_planner_forward_backward_shapes():
 
 
 
+def test_patch_head_is_optional_and_its_loss_reaches_the_image_path():
+    assert not hasattr(Planner(tiny_planner_config()), "patch_head")  # older checkpoints load unchanged
+    pcfg = tiny_planner_config(patch_classes=(4, 3))
+    planner = Planner(pcfg)
+    images, tokens, _, targets, _, _ = tiny_batch(pcfg=pcfg)
+    _, loss, hidden = planner(images, tokens, targets)
+    labels = torch.stack([torch.randint(0, 4, (3, pcfg.n_image_tokens)), torch.randint(0, 3, (3, pcfg.n_image_tokens))], 1)
+    aux = planner.patch_loss(hidden, labels)  # (B, 2, P) labels
+    assert aux.shape == () and 0.5 < aux.item() < 3.0  # about log(4) and log(3) at the start
+    aux.backward()
+    assert planner.patch_head.weight.grad.abs().sum() > 0
+    assert planner.patch_embed[0].weight.grad.abs().sum() > 0  # it trains the image encoder too
+    assert planner.tok_emb.weight.grad is None or planner.tok_emb.weight.grad.abs().sum() == 0  # not the words
+
+
 def test_coordinate_loss_prefers_near_misses_and_reduces_to_cross_entropy():
     # tokens 0..29 spell the numbers 0..29, tokens 30..39 are words
     pcfg = tiny_planner_config(number_values=tuple(range(30)) + (-1,) * 10, coord_sigma=1.0)
