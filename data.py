@@ -462,8 +462,9 @@ def patch_labels(questions: list, image_size: int, patch_size: int) -> np.ndarra
     box): int64 (2, n_patches) = (colour class, shape class), row-major like the planner's image tokens.
 
     A patch gets an item's classes when it holds a quarter of the item's box (a small object) or the box covers
-    half the patch (a container); containers are written first and objects over them, so a cube in a bowl labels its patch "cube". For the --patch-aux loss of
-    train_grounding.py: it tells the image tokens directly which colour and shape they show."""
+    half the patch (a container); containers are written first and objects over them, so a cube in a bowl
+    labels its patch "cube". For the --patch-aux loss of train_grounding.py: it tells the image tokens directly
+    which colour and shape they show."""
     import sim
     g = image_size // patch_size
     labels = np.zeros((2, g, g), np.int64)

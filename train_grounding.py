@@ -93,7 +93,7 @@ PRESETS = {
     # full: the default's data and model, 12000 steps. Measured on an H100 (README, "Stage 1 on a GPU"): box
     # Acc@0.5 99.0%, point 99.3%, trace DFD 0.95 px on the 300 test scenes, in 6.2 min of training. Between
     # steps ~3000 and ~6000 the boxes jump from ~54% to ~98%: the words bind to the objects. On 2 CPU cores the
-    # same run would take ~70 min, which is why the default stops at 2600 steps (before that jump).
+    # same run would take ~70 min (estimated from the step time), which is why the default stops at 2600 steps (before that jump).
     "full": dict(max_steps=12000),
 }
 
