@@ -506,13 +506,15 @@ class GroundingDataset(torch.utils.data.Dataset):
         if images is None:
             images, qa = load_grounding(data_dir, max_scenes)
         self.images, self.qa, self.tok, self.packed = images, qa, tok, packed
-        self.patch_size = patch_size  # > 0: packed batches also carry patch_labels (B, 2, n_patches)
         self.image_size = images.shape[1]
         self.pad, self.eot = tok.encode_single_token(PAD), tok.encode_single_token(EOT)
         self.by_image = {}
         for q in qa:
             self.by_image.setdefault(q["image"], []).append(q)
         self.image_ids = sorted(self.by_image)
+        # patch_size > 0: packed batches also carry what each patch shows (data.patch_labels), worked out once here
+        self.patch_targets = {i: patch_labels(qs, self.image_size, patch_size) for i, qs in self.by_image.items()} \
+            if patch_size else None
 
     def __len__(self):
         return len(self.image_ids) if self.packed else len(self.qa)
@@ -545,8 +547,8 @@ class GroundingDataset(torch.utils.data.Dataset):
         targets, _ = pad_batch([r[1] for r in rows], self.pad, fill=-100)
         segments, _ = pad_batch([r[2] for r in rows], self.pad, fill=-1)
         positions, _ = pad_batch([r[3] for r in rows], self.pad, fill=0)
-        if self.patch_size:  # what each patch shows, for the auxiliary loss (train_grounding.py --patch-aux)
-            labels = np.stack([patch_labels(self.by_image[b[0]], self.image_size, self.patch_size) for b in batch])
+        if self.patch_targets is not None:  # for the auxiliary loss (train_grounding.py --patch-aux)
+            labels = np.stack([self.patch_targets[b[0]] for b in batch])
             return images, tokens, targets, segments, positions, torch.from_numpy(labels)  # labels (B, 2, P)
         return images, tokens, targets, segments, positions
 
