@@ -563,7 +563,7 @@ def write_demo_episode(root: str, episode: dict, index: int | None = None) -> st
     episode = {"images": uint8 (T,H,W,3), "states": float32 (T,6), "actions": float32 (T,6),
                "instruction": str, "success": bool, "source": "sim" | "robot",
                optional per-frame grounding labels: "target_box" (T,4), "container_box" (T,4), "target_point" (T,2),
-               "trace" (TRACE_POINTS,2)}
+               "trace" (TRACE_POINTS,2), "label_mask" (T,) bool (False: a deliberately missed try, not a label)}
     """
     os.makedirs(root, exist_ok=True)
     T = len(episode["actions"])
@@ -608,8 +608,12 @@ def demo_noise_offsets(rng: np.random.Generator, n_steps: int, noise: float, hol
     return out
 
 
+MISS_OFFSET = 0.03  # m: a deliberate miss (sim.py --grasp-offset: the expert itself succeeds 12/100 at 3 cm)
+
+
 def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: int = 0, image_size: int = 96,
-                   progress: bool = True, noise: float = 0.0, paired: bool = False) -> str:
+                   progress: bool = True, noise: float = 0.0, paired: bool = False, miss: float = 0.0,
+                   workers: int = 1) -> str:
     """Run the scripted expert for n_episodes seeds and keep every episode (failed ones are marked so a resumed
     run does not redo them; training reads only successful ones). Writes norm_stats.json at the end.
 
@@ -622,34 +626,75 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
     paired=True records counterfactual pairs: episodes 2k and 2k+1 start from the same table, the same light
     and the same start pose (the same first image), but ask for different objects (sim.retarget). Unpaired,
     every table comes with one instruction, so a policy can learn "this table -> reach there" from the image
-    alone and never read the words (README, item 10). Paired, the first frames differ only in the words."""
+    alone and never read the words (README, item 10). Paired, the first frames differ only in the words.
+
+    miss > 0: that fraction of episodes starts with a deliberate miss (the grasp MISS_OFFSET beside the object),
+    then the expert sees the jaws come up empty and grasps again at the true position (sim.ScriptedExpert,
+    miss_once). The frames of the missed try are kept but marked "label_mask" = False: a policy should not
+    learn to miss, only to recover (DemoDataset skips them).
+
+    workers > 1 records episodes in that many processes; every episode depends only on its index, so the
+    folder is the same whatever the number of workers."""
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(n_episodes=n_episodes, split=split, seed=seed, image_size=image_size)
     if noise:  # folders made without these settings keep their old meta
         meta["noise"] = noise
     if paired:
         meta["paired"] = True
+    if miss:
+        meta["miss"] = miss
     _check_meta(out_dir, meta)
-    if os.path.exists(os.path.join(out_dir, "norm_stats.json")) and all(
-            os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz")) for i in range(n_episodes)):
-        return out_dir  # already complete: training on a copied folder needs no simulator or renderer
-    import sim
-    from tqdm import tqdm
+    todo = [i for i in range(n_episodes) if not os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz"))]
+    if todo:  # a complete folder needs no simulator or renderer (training on a copied folder)
+        from tqdm import tqdm
 
-    env = sim.SO100Env(image_size=image_size, split=split)
-    for i in tqdm(range(n_episodes), desc=f"demos {split}", disable=not progress, unit="ep"):
-        if os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz")):
-            continue
+        job = dict(out_dir=out_dir, split=split, seed=seed, image_size=image_size, noise=noise, paired=paired,
+                   miss=miss)
+        bar = tqdm(total=len(todo), desc=f"demos {split}", disable=not progress, unit="ep")
+        if workers <= 1:
+            _demo_worker(job, todo, bar.update)
+        else:
+            import multiprocessing
+            # spawn, not fork: each worker builds its own renderer (an EGL context does not survive a fork)
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+            parts = [todo[k:k + 8] for k in range(0, len(todo), 8)]
+            for n in pool.imap_unordered(_demo_worker_star, [(job, p) for p in parts]):
+                bar.update(n)
+            pool.close()
+            pool.join()
+        bar.close()
+    if not os.path.exists(os.path.join(out_dir, "norm_stats.json")) or todo:
+        stats = compute_norm_stats(read_demo_episodes(out_dir))
+        with open(os.path.join(out_dir, "norm_stats.json"), "w") as f:
+            json.dump(stats, f, indent=1)
+    return out_dir
+
+
+def _demo_worker_star(args):
+    return _demo_worker(*args)
+
+
+def _demo_worker(job: dict, indices: list, done=None) -> int:
+    """Record and write the demonstrations with these indices (one simulator per worker)."""
+    import sim
+
+    env = sim.SO100Env(image_size=job["image_size"], split=job["split"])
+    seed, split, paired = job["seed"], job["split"], job["paired"]
+    for i in indices:
         obs, info = env.reset(seed=_scene_seed(seed, split, i - i % 2 if paired else i) + 1)
         if paired and i % 2 == 1:  # the partner of episode i - 1: its table, look and start, another object
             partner = sim.retarget(info["scene"], np.random.default_rng(_scene_seed(seed, split, i) + 3))
             if partner is not None:
                 obs, info = env.reset(options=dict(scene=partner, look=env.look, start=env.start))
-        expert = sim.ScriptedExpert(env)
+        rng = np.random.default_rng(_scene_seed(seed, split, i) + 2)
+        offsets = demo_noise_offsets(rng, env.cfg.max_steps, job["noise"])
+        missed = job["miss"] > 0 and rng.random() < job["miss"]  # drawn after the offsets: miss=0 folders unchanged
+        expert = sim.ScriptedExpert(env, MISS_OFFSET if missed else 0.0, seed=_scene_seed(seed, split, i) + 4,
+                                    miss_once=True)
         expert.reset()
         trace = trace_label(info)
-        offsets = demo_noise_offsets(np.random.default_rng(_scene_seed(seed, split, i) + 2), env.cfg.max_steps, noise)
-        rec = {k: [] for k in ("images", "states", "actions", "target_box", "container_box", "target_point")}
+        rec = {k: [] for k in ("images", "states", "actions", "target_box", "container_box", "target_point",
+                               "label_mask")}
         for step in range(env.cfg.max_steps):
             action = expert.act(obs, info)
             rec["images"].append(obs["image"])
@@ -658,18 +703,21 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
             rec["target_box"].append(info["target_box"])
             rec["container_box"].append(info["container_box"])
             rec["target_point"].append(info["target_point"])
+            rec["label_mask"].append(not (missed and expert.retries == 0))  # the missed try: not a label
             obs, _, terminated, truncated, info = env.step(action + offsets[step])  # executed != recorded
             if terminated or truncated:
                 break
-        ep = {k: np.asarray(v, np.uint8 if k == "images" else np.float32) for k, v in rec.items()}
+        ep = {k: np.asarray(v, np.uint8 if k == "images" else bool if k == "label_mask" else np.float32)
+              for k, v in rec.items()}
+        if not missed:  # folders without misses keep their old files
+            del ep["label_mask"]
         ep.update(trace=trace.astype(np.float32), instruction=info["instruction"], success=bool(info["success"]),
                   source="sim")
-        write_demo_episode(out_dir, ep, index=i)
+        write_demo_episode(job["out_dir"], ep, index=i)
+        if done:
+            done(1)
     env.close()
-    stats = compute_norm_stats(read_demo_episodes(out_dir))
-    with open(os.path.join(out_dir, "norm_stats.json"), "w") as f:
-        json.dump(stats, f, indent=1)
-    return out_dir
+    return len(indices)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -740,7 +788,8 @@ def object_resting(episode: dict, tol: float = 1.0) -> np.ndarray:
 
 class DemoDataset(torch.utils.data.Dataset):
     """Items are (episode, time) pairs; each gives the image and state at t and the chunk of the next
-    `chunk` actions (repeating the last action past the episode's end, i.e. "stay there").
+    `chunk` actions (repeating the last action past the episode's end, i.e. "stay there"). Frames marked
+    label_mask = False (a deliberate miss) are not items.
     relative=True: the chunk is the actions minus the state at t, normalised with stats["delta"]
     (compute_delta_stats); otherwise absolute joint targets normalised with stats["action"].
 
@@ -759,7 +808,9 @@ class DemoDataset(torch.utils.data.Dataset):
             raise ValueError("a written plan needs the key object's box and place point (sim demonstrations)")
         # held_labels=False: no object position label once it has left the table (computed once per episode)
         self.resting = None if held_labels else [object_resting(ep) if "target_box" in ep else None for ep in episodes]
-        self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["actions"]))]
+        # every frame is an item, except the frames of a deliberately missed try (generate_demos(miss=...))
+        self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["actions"]))
+                      if ep.get("label_mask") is None or ep["label_mask"][t]]
         # the frames before the arm has moved much: only the image says where to go (see sample_indices)
         self.early = np.array([i for i, (e, t) in enumerate(self.index) if t < EARLY_STEPS])
         self.image_size = episodes[0]["images"].shape[1]
@@ -979,6 +1030,8 @@ class DataArgs:
     demos: int = 0              # expert demonstrations to write
     demo_noise: float = 0.08    # DART offsets (rad) on the executed actions (generate_demos); train_action's default
     paired: bool = False        # counterfactual pairs: two episodes per table, two different objects asked for
+    miss: float = 0.0           # share of demonstrations that start with a deliberate miss, then recover
+    workers: int = 1            # processes recording demonstrations
     split: str = "train"        # train or test
     seed: int = 0
     image_size: int = 96
@@ -1006,7 +1059,7 @@ def main(argv=None):
     if args.demos:
         out = args.out or f"out/data/demos_{args.split}"
         generate_demos(out, args.demos, args.split, args.seed, args.image_size, noise=args.demo_noise,
-                       paired=args.paired)
+                       paired=args.paired, miss=args.miss, workers=args.workers)
         eps = read_demo_episodes(out, successful_only=False)
         print(f"{out}: {len(eps)} episodes, {sum(e['success'] for e in eps)} successful, "
               f"{sum(len(e['actions']) for e in eps)} frames")

@@ -786,11 +786,15 @@ class ScriptedExpert:
     inverse kinematics, warm-started from the previous solution, so motions are smooth and repeatable.
     """
 
-    def __init__(self, env: SO100Env, grasp_offset: float = 0.0, seed: int = 0):
+    def __init__(self, env: SO100Env, grasp_offset: float = 0.0, seed: int = 0, miss_once: bool = False):
         self.env = env
         # a deliberate miss (m): the grasp point is moved this far in a random horizontal direction. It
         # measures how precise a policy has to be (README: `python sim.py --grasp-offset 0.02`)
         self.grasp_offset, self.rng = grasp_offset, np.random.default_rng(seed)
+        # miss_once: only the first try is off; the retry after the slip aims at the object's true position.
+        # That records a recovery -- "the jaws came up empty: open, go back down, grasp again" -- which an
+        # expert that never misses cannot show (data.generate_demos(miss=...))
+        self.miss_once = miss_once
 
     def reset(self):
         self.retries = 0
@@ -800,7 +804,7 @@ class ScriptedExpert:
         """Plan from the current state: keyframes -> one (position, yaw, jaw) target per control step."""
         env = self.env
         self.plan = expert_plan(env)
-        if self.grasp_offset:
+        if self.grasp_offset and not (self.miss_once and self.retries > 0):
             a = self.rng.uniform(0, 2 * math.pi)
             off = self.grasp_offset * np.array([math.cos(a), math.sin(a), 0.0])
             self.plan = [(name, p + off if name in ("approach", "descend", "close", "hold", "lift") else p, y, j, n)

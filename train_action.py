@@ -75,6 +75,9 @@ class Config:
     demos: int = 400             # expert episodes to record (failed ones are dropped)
     paired_demos: bool = False   # record them in counterfactual pairs: the same table twice, two different objects
                                  # asked for (data.generate_demos(paired=True)), so the words decide the action
+    demo_miss: float = 0.0       # share of demonstrations that start with a deliberate miss and then recover
+                                 # (data.generate_demos(miss=...)); the missed try itself is not a label
+    demo_workers: int = 1        # processes recording demonstrations (the same episodes whatever the number)
     image_size: int = 96
     chunk_len: int = 8           # Hc: future actions per prediction
     d_action: int = 128          # width of queries and DiT
@@ -170,16 +173,18 @@ def main(argv=None):
     log(f"stage 2 (actions), variant {cfg.variant}, preset {cfg.preset}, device {device} x{world}, "
         f"from_stage1={cfg.from_stage1} spatial_prompt={cfg.spatial_prompt} cotrain={cfg.cotrain} "
         f"grad_decay={cfg.grad_decay} use_state={cfg.use_state} relative_actions={cfg.relative_actions} "
-        f"written_plan={cfg.written_plan} paired_demos={cfg.paired_demos}")
+        f"written_plan={cfg.written_plan} paired_demos={cfg.paired_demos} demo_miss={cfg.demo_miss}")
 
     # -- data: expert demonstrations (made once, resumable) and the stage-1 grounding set for co-training ----
     tok = data.get_tokenizer()
     noise_tag = f"_noise{cfg.demo_noise:g}" if cfg.demo_noise else ""  # DART and clean demonstrations never mix
     noise_tag += "_paired" if cfg.paired_demos else ""
+    noise_tag += f"_miss{cfg.demo_miss:g}" if cfg.demo_miss else ""
     demo_dir = os.path.join(cfg.data_dir, f"demos_train_{cfg.image_size}{noise_tag}")
     if master:
         data.generate_demos(demo_dir, cfg.demos, "train", cfg.seed, cfg.image_size, progress=cfg.progress,
-                            noise=cfg.demo_noise, paired=cfg.paired_demos)
+                            noise=cfg.demo_noise, paired=cfg.paired_demos, miss=cfg.demo_miss,
+                            workers=cfg.demo_workers)
     if ddp:
         dist.barrier()
     episodes = data.read_demo_episodes(demo_dir)[: cfg.demos]

@@ -74,11 +74,16 @@ class Config:
                                  # curriculum, 6e-4 and 1e-3 bind words to objects much faster than 3e-4 (README)
     min_lr: float = 3e-5
     warmup: int = 50
+    schedule: str = "cosine"     # cosine: decay from the warm-up on; wsd: warm-up, stable at lr, then decay over
+                                 # the last decay_fraction of the steps (keeps the high rate through the binding)
+    decay_fraction: float = 0.2  # (wsd only)
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     log_interval: int = 50
     eval_interval: int = 1000
-    seed: int = 0
+    seed: int = 0                # data seed: scenes, questions (and the rest, unless --init-seed)
+    init_seed: int = -1          # weights' initialisation and batch order; -1: the same as --seed. A new seed
+                                 # regenerates the data; this one measures run-to-run luck on the same data
     device: str = "auto"         # auto picks cuda, then mps, then cpu
     bf16: bool = True            # bfloat16 autocast where the hardware has it (~1.1x faster here; model.autocast)
     resume: bool = False         # continue from OUT/ckpt (weights, optimizer, step)
@@ -128,10 +133,14 @@ def parse_config(argv=None) -> Config:
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warm-up, then cosine decay to min_lr."""
+    """Linear warm-up, then cosine decay to min_lr (schedule "cosine"), or: hold lr, and decay (cosine) to
+    min_lr over the last decay_fraction of the steps only (schedule "wsd": warm-up, stable, decay)."""
+    if cfg.schedule not in ("cosine", "wsd"):
+        raise ValueError(f"--schedule must be cosine or wsd, not {cfg.schedule!r}")
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    start = cfg.warmup if cfg.schedule == "cosine" else max(cfg.warmup, int(cfg.max_steps * (1 - cfg.decay_fraction)))
+    t = min(1.0, max(0.0, step - start) / max(1, cfg.max_steps - start))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
@@ -202,7 +211,8 @@ def main(argv=None):
     cfg = parse_config(argv)
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, even when redirected to a file
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    init_seed = cfg.seed if cfg.init_seed < 0 else cfg.init_seed
+    torch.manual_seed(init_seed)
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_dir = os.path.join(cfg.out, "ckpt")
     print(f"stage 1 (grounding), preset {cfg.preset}, device {device}, {torch.get_num_threads()} threads")
@@ -274,7 +284,7 @@ def main(argv=None):
         return metrics, answers
 
     # -- training loop ------------------------------------------------------------------------------------
-    rng = np.random.default_rng(cfg.seed + step)
+    rng = np.random.default_rng(init_seed + step)  # batch order
     full_batches = shuffled_batches(train_set, cfg.batch_size, rng)
     easy_batches = shuffled_batches(easy_set, cfg.curriculum_batch_size, rng) if easy_set is not None else None
     model.train()

@@ -1,4 +1,5 @@
 """Tests of data.py: tokenizer, answer formats, labels, shards, normalisation, metrics."""
+import json
 import os
 
 import numpy as np
@@ -357,6 +358,35 @@ def test_paired_demos_share_the_first_image_but_not_the_object(tmp_path):
     plain = str(tmp_path / "plain")
     data.generate_demos(plain, 1, "train", seed=0, image_size=32, progress=False)
     assert np.array_equal(data.read_demo_episodes(plain, successful_only=False)[0]["images"], a["images"])
+
+
+def test_missed_demos_mark_the_missed_try_and_workers_change_nothing(tmp_path, tok):
+    """miss=1: every episode starts with a deliberate miss. Its frames are kept but marked label_mask=False
+    until the expert re-plans, the retry's frames are labels, and DemoDataset skips the marked ones. Recording
+    in 2 processes writes exactly the same episodes as in 1."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    data.generate_demos(one, 2, "train", seed=0, image_size=32, progress=False, miss=1.0)
+    data.generate_demos(two, 2, "train", seed=0, image_size=32, progress=False, miss=1.0, workers=2)
+    eps = data.read_demo_episodes(one, successful_only=False)
+    for a, b in zip(eps, data.read_demo_episodes(two, successful_only=False)):
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[k], b[k]) for k in a if isinstance(a[k], np.ndarray))
+    for ep in eps:
+        m = ep["label_mask"]
+        assert not m[0] and m[-1]                     # the missed try first, the recovery after it
+        assert not np.any(m[np.argmax(m):] == False)  # one switch, from missed to labels
+        # the recovery goes back down: the jaws open again after closing on nothing
+        grip = ep["actions"][:, 5]
+        assert grip[np.argmax(m):].max() > grip[np.argmax(m) - 1] + 0.3
+    stats = json.load(open(os.path.join(one, "norm_stats.json")))
+    ds = data.DemoDataset(eps, tok, stats)
+    assert len(ds) == sum(int(ep["label_mask"].sum()) for ep in eps)
+    assert all(eps[e]["label_mask"][t] for e, t in ds.index)
+    # without misses there is no mask and every frame is an item
+    plain = str(tmp_path / "plain")
+    data.generate_demos(plain, 1, "train", seed=0, image_size=32, progress=False)
+    (p,) = data.read_demo_episodes(plain, successful_only=False)
+    assert "label_mask" not in p and len(data.DemoDataset([p], tok, stats)) == len(p["actions"])
 
 
 def test_written_plan_is_the_first_frames_box_and_place_point(tok):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import train_grounding
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import (  # noqa: E402
@@ -498,3 +499,14 @@ def test_written_plan_is_what_the_planner_wrote_in_the_training_layout(monkeypat
     said["box"] = "[15,16,20,21]"  # a new episode, and the planner says the object is elsewhere
     assert not np.allclose(first, policy.predict_chunk(obs, instruction))
     assert said["calls"] == 4
+
+
+def test_wsd_schedule_holds_the_rate_until_its_decay_and_both_schedules_end_at_min_lr():
+    cos = train_grounding.Config(max_steps=1000, warmup=10, lr=1e-3, min_lr=1e-5)
+    wsd = train_grounding.Config(max_steps=1000, warmup=10, lr=1e-3, min_lr=1e-5, schedule="wsd", decay_fraction=0.2)
+    assert train_grounding.lr_at(0, wsd) == train_grounding.lr_at(0, cos) == pytest.approx(1e-4)  # warm-up
+    assert train_grounding.lr_at(500, wsd) == pytest.approx(1e-3) and train_grounding.lr_at(500, cos) < 6e-4
+    assert train_grounding.lr_at(799, wsd) == pytest.approx(1e-3) and train_grounding.lr_at(900, wsd) < 1e-3
+    assert train_grounding.lr_at(1000, wsd) == train_grounding.lr_at(1000, cos) == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="cosine or wsd"):
+        train_grounding.lr_at(5, train_grounding.Config(schedule="linear"))
