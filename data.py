@@ -655,23 +655,20 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
             _demo_worker(job, todo, bar.update)
         else:
             import multiprocessing
-            # spawn, not fork: each worker builds its own renderer (an EGL context does not survive a fork)
-            pool = multiprocessing.get_context("spawn").Pool(workers)
-            parts = [todo[k:k + 8] for k in range(0, len(todo), 8)]
-            for n in pool.imap_unordered(_demo_worker_star, [(job, p) for p in parts]):
-                bar.update(n)
-            pool.close()
-            pool.join()
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            # spawn, not fork: each worker builds its own renderer (an EGL context does not survive a fork).
+            # If a worker dies (out of memory, killed), the executor raises BrokenProcessPool instead of
+            # waiting for ever; the episodes already written stay, and the same command resumes.
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                parts = [todo[k:k + 8] for k in range(0, len(todo), 8)]
+                for f in as_completed([pool.submit(_demo_worker, job, p) for p in parts]):
+                    bar.update(f.result())
         bar.close()
     if not os.path.exists(os.path.join(out_dir, "norm_stats.json")) or todo:
         stats = compute_norm_stats(read_demo_episodes(out_dir))
         with open(os.path.join(out_dir, "norm_stats.json"), "w") as f:
             json.dump(stats, f, indent=1)
     return out_dir
-
-
-def _demo_worker_star(args):
-    return _demo_worker(*args)
 
 
 def _demo_worker(job: dict, indices: list, done=None) -> int:
