@@ -101,15 +101,17 @@ OUTCOMES = ("success", "target placed, not released", "target lifted, not placed
             "nothing lifted")
 
 
+LIFTED = 0.03  # m above where it started: "lifted", well clear of a push or a bump
+
+
 def classify_episode(success: bool, target_lift: float, other_lift: float, target_in_container: bool) -> str:
     """Name what happened in one episode from how high (m, above where it started) the target object and the
     highest other object were ever lifted, and whether the target ended over its container."""
-    lifted = 0.03  # 3 cm: well clear of a push or a bump
     if success:
         return "success"
-    if target_lift > lifted:
+    if target_lift > LIFTED:
         return "target placed, not released" if target_in_container else "target lifted, not placed"
-    return "wrong object lifted" if other_lift > lifted else "nothing lifted"
+    return "wrong object lifted" if other_lift > LIFTED else "nothing lifted"
 
 
 def _object_heights(env) -> np.ndarray:
@@ -122,6 +124,13 @@ def _grasp_gap(env) -> float:
     site = env.data.site_xpos[env.model.site("grasp").id]
     obj = env.data.xpos[env.model.body(f"obj{env.scene['target_object']}").id]
     return float(np.linalg.norm(site - obj))
+
+
+def _target_to_container(env) -> float:
+    """Horizontal distance (m) from the target object to the centre of its container."""
+    p = env.data.xpos[env.model.body(f"obj{env.scene['target_object']}").id]
+    co = env.scene["containers"][env.scene["target_container"]]["pos"]
+    return float(np.hypot(p[0] - co[0], p[1] - co[1]))
 
 
 def _suite_env(suite: str, image_size: int, seed_offset: int = 0):
@@ -139,6 +148,7 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
 
     env, base_seed = _suite_env(suite, policy.image_size, seed_offset)
     success, steps_ok, chunk_ms, frames, final_states, outcomes, closest_cm = [], [], [], [], [], [], []
+    held_steps, carried_cm = [], []
     for i in tqdm(range(first, last), desc=f"{suite}", disable=not progress, unit="ep", leave=False):
         obs, info = env.reset(seed=base_seed + i)
         policy.reset()
@@ -146,6 +156,7 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
         z0 = _object_heights(env)
         max_lift = np.zeros_like(z0)
         closest = _grasp_gap(env)  # how near the jaws ever came to the target: a miss measured in cm
+        held, carried = 0, np.inf  # steps with the target up (> 3 cm), and how near its container it got then
         overlay = planner_overlay(policy, obs, info) if record else {}
         for t in range(env.cfg.max_steps):
             replans = policy.n_plans
@@ -160,6 +171,9 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
             obs, _, terminated, truncated, info = env.step(action)
             max_lift = np.maximum(max_lift, _object_heights(env) - z0)
             closest = min(closest, _grasp_gap(env))
+            if _object_heights(env)[env.scene["target_object"]] - z0[env.scene["target_object"]] > LIFTED:
+                held += 1
+                carried = min(carried, _target_to_container(env))
             if terminated or truncated:
                 break
         if record:
@@ -171,6 +185,8 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
                                          float(np.delete(max_lift, target).max(initial=0.0)),
                                          env.target_over_container()))
         closest_cm.append(100 * closest)
+        held_steps.append(held)
+        carried_cm.append(round(100 * carried, 2) if held else None)
         final_states.append([round(float(v), 6) for v in obs["state"]])
         if info["success"]:
             steps_ok.append(env.steps)
@@ -180,7 +196,7 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
         ims = [Image.fromarray(f) for f in frames]
         ims[0].save(gif_path, save_all=True, append_images=ims[1:], duration=100, loop=0)
     return {"success": success, "steps_ok": steps_ok, "chunk_ms": chunk_ms, "final_states": final_states,
-            "outcomes": outcomes, "closest_cm": closest_cm}
+            "outcomes": outcomes, "closest_cm": closest_cm, "held_steps": held_steps, "carried_cm": carried_cm}
 
 
 def _worker(job: tuple) -> dict:
@@ -224,7 +240,19 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
             # nearest approach of the jaws to the target, per episode: a near miss and a wild one both fail,
             # this tells them apart (the expert grasps with the target ~1 cm from its grasp point)
             "median_closest_cm": float(np.median(raw["closest_cm"])), "closest_cm": [round(c, 2) for c in raw["closest_cm"]],
-            "final_states": raw["final_states"]}  # the arm's last joint angles per episode (a fingerprint)
+            "final_states": raw["final_states"],  # the arm's last joint angles per episode (a fingerprint)
+            # after a lift: for how many steps the target stayed up, and how near its container it came (the
+            # expert's carry keeps it up ~25-40 steps and ends over the container)
+            **lift_summary(raw["outcomes"], raw["held_steps"], raw["carried_cm"])}
+
+
+def lift_summary(outcomes: list, held_steps: list, carried_cm: list) -> dict:
+    """For the episodes that lifted the target but did not place it: the median number of steps it stayed
+    up, and the median of its nearest horizontal approach to its container's centre while up (cm)."""
+    idx = [i for i, o in enumerate(outcomes) if o == "target lifted, not placed"]
+    return {"held_steps": held_steps, "carried_cm": carried_cm,
+            "lifted_not_placed_median_held_steps": float(np.median([held_steps[i] for i in idx])) if idx else None,
+            "lifted_not_placed_median_carried_cm": float(np.median([carried_cm[i] for i in idx])) if idx else None}
 
 
 def open_loop_error(policy, episodes: list, every: int = 4) -> dict:
@@ -481,6 +509,11 @@ def print_table(results: dict, names: list):
             print(f"{s:>12s} {n:>10s}: " + ", ".join(f"{o} {c}" for o, c in row[n]["outcomes"].items()))
     print("median closest approach of the jaws to the target (cm): " + "; ".join(
         f"{s} " + ", ".join(f"{n} {row[n]['median_closest_cm']:.1f}" for n in names if "median_closest_cm" in row[n])
+        for s, row in results["suites"].items()))
+    print("target lifted, not placed: median steps it stayed up / nearest it came to its container (cm): " + "; ".join(
+        f"{s} " + ", ".join(f"{n} {row[n]['lifted_not_placed_median_held_steps']:.0f} / "
+                            f"{row[n]['lifted_not_placed_median_carried_cm']:.1f}"
+                            for n in names if row[n].get("lifted_not_placed_median_held_steps") is not None)
         for s, row in results["suites"].items()))
     ms = [next((r[n]["ms_per_chunk"] for r in results["suites"].values() if r[n]["ms_per_chunk"]), None) for n in names]
     print(f"{'ms/chunk':>12s} | " + " | ".join(f"{m:22.1f}" if m else f"{'-':>22s}" for m in ms))

@@ -95,6 +95,32 @@ def test_an_arm_that_holds_still_lifts_nothing():
 
     r = evaluation.run_episodes(Still(), "single", 0, 2, progress=False)  # one object, one container
     assert r["success"] == [False, False] and r["outcomes"] == ["nothing lifted"] * 2
+    assert r["held_steps"] == [0, 0] and r["carried_cm"] == [None, None]
+
+
+def test_a_carried_target_is_counted_as_held_until_it_reaches_its_container(monkeypatch):
+    """The scripted expert as the policy: the target stays up for the whole carry and ends over its container;
+    lift_summary takes medians over the lifted-but-not-placed episodes only."""
+    import sim
+
+    env = sim.SO100Env(image_size=48)
+    monkeypatch.setattr(evaluation, "_suite_env", lambda suite, size, offset=0: (env, 3))
+
+    class Expert:
+        image_size, n_plans = 48, 0
+
+        def reset(self):  # called after env.reset: plan from this table
+            self.expert = sim.ScriptedExpert(env)
+            self.expert.reset()
+
+        def act(self, obs, instruction):
+            return self.expert.act()
+
+    r = evaluation.run_episodes(Expert(), "seen", 0, 1, progress=False)
+    assert r["success"] == [True] and r["held_steps"][0] >= 15 and r["carried_cm"][0] < 3.0
+    s = evaluation.lift_summary(["target lifted, not placed", "success", "target lifted, not placed"],
+                                [4, 30, 10], [12.0, 0.5, 6.0])
+    assert s["lifted_not_placed_median_held_steps"] == 7 and s["lifted_not_placed_median_carried_cm"] == 9.0
 
 
 def test_condition_probe_finds_a_position_only_when_the_condition_holds_one():
