@@ -361,6 +361,61 @@ def swap_instruction(policy, suite: str, episodes: int) -> dict:
 TRACK_BINS = ((0, 4), (4, 8), (8, 16), (16, 1000))  # distance (px) from the jaws to the target in the image
 
 
+def carry_frame(episode: dict, moved_px: float = 6.0, after: int = 2):
+    """A frame early in the carry: `after` steps after the key object's box centre first moved more than
+    moved_px from where it started (it is up in the jaws), leaving room for a whole chunk; None if it never moved."""
+    c = data.box_centre(episode["target_box"])  # (T, 2)
+    moved = np.where(np.linalg.norm(c - c[0], axis=1) > moved_px)[0]
+    if len(moved) == 0:
+        return None
+    return int(min(moved[0] + after, len(episode["actions"]) - 8))
+
+
+def swap_place(policy, episodes: list, chunk_step: int = 7) -> dict:
+    """Does the carry follow the written plan's place point? On an early-carry frame of each demonstration
+    (carry_frame) the chunk is predicted twice from the same noise: with the episode's own plan, and with the
+    place point of the episode whose place point lies farthest from it. Returns the medians of: how much the
+    pan at the chunk's step `chunk_step` changes (deg), how far the place point moved (px), the pan's error
+    against the expert's action at that step with the true plan, and how far the expert turns meanwhile.
+    A policy that reads the place point changes its pan by a good part of the expert's turn; one that
+    ignores it, by ~0."""
+    import torch
+
+    if not getattr(policy, "written_plan", False):
+        raise ValueError("--swap-place needs a checkpoint trained with --written-plan (it swaps the plan's place point)")
+    points = np.array([ep["target_point"][0] for ep in episodes])
+    change, moved, error, turn, same_way, share = [], [], [], [], [], []
+    for k, ep in enumerate(episodes):
+        t = carry_frame(ep)
+        if t is None or t + chunk_step >= len(ep["actions"]):
+            continue
+        far = int(np.argmax(np.linalg.norm(points - points[k], axis=1)))
+        obs = {"image": ep["images"][t], "state": ep["states"][t]}
+        pans = []
+        for point in (points[k], points[far]):
+            policy.reset()
+            policy.generator = torch.Generator().manual_seed(0)  # the same noise for both plans
+            policy.plan = (ep["instruction"], data.plan_tokens(policy.tok, ep["target_box"][0], point, policy.image_size))
+            pans.append(float(policy.predict_chunk(obs, ep["instruction"])[chunk_step, 0]))
+        expert = float(ep["actions"][t + chunk_step, 0])
+        change.append(abs(pans[0] - pans[1]))
+        moved.append(float(np.linalg.norm(points[far] - points[k])))
+        error.append(abs(pans[0] - expert))
+        turn.append(abs(expert - float(ep["states"][t, 0])))
+        own, theirs = pans[0] - float(ep["states"][t, 0]), expert - float(ep["states"][t, 0])
+        if abs(theirs) > 0.1:  # the expert turns more than ~6 deg: which way, and how far, does the policy turn?
+            same_way.append(np.sign(own) == np.sign(theirs))
+            share.append(own / theirs)
+    if not change:
+        raise ValueError("no demonstration has a carry (the key object never moved in the image)")
+    deg = lambda v: float(np.degrees(np.median(v)))  # noqa: E731
+    return {"frames": len(change), "median_pan_change_deg": deg(change), "median_place_moved_px": float(np.median(moved)),
+            "median_pan_error_deg": deg(error), "median_expert_turn_deg": deg(turn),
+            # over the frames where the expert turns > ~6 deg: the policy turns the same way / its turn over the expert's
+            "same_direction": float(np.mean(same_way)) if same_way else None,
+            "median_turn_share": float(np.median(share)) if share else None}
+
+
 def planner_tracking(policy, suite: str, episodes: int) -> dict:
     """Where does the planner think the object is while the policy drives the arm? At every new plan of a
     closed-loop episode, ask "where is the <object>?" and compare the answer's centre with the target's true
@@ -630,6 +685,9 @@ def main(argv=None):
     p.add_argument("--swap-instruction", type=int, default=0, metavar="SCENES",
                    help="instead of the suites' success: does the first chunk turn toward the object the "
                         "instruction names? (swap_instruction, on this many scenes of each suite)")
+    p.add_argument("--swap-place", default="", metavar="DEMO_DIR",
+                   help="instead of the suites' success: on early-carry frames of the demonstrations in DEMO_DIR (the "
+                        "last 60), does the chunk change when the written plan's place point is moved? (swap_place)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
@@ -670,6 +728,19 @@ def main(argv=None):
                 if r["plan_names_right_object"] is not None:
                     print(f"{'':>24s} | the written plan's box is nearer the named object than the other in "
                           f"{r['plan_names_right_object']:.0%} of {r['plans']} plans (both instructions)")
+        return None
+    if args.swap_place:
+        from model import Policy
+
+        eps = data.read_demo_episodes(args.swap_place)[-60:]
+        for ck, name in zip(args.ckpt, names):
+            r = swap_place(Policy.load(ck), eps)
+            print(f"{name:>12s} | {r['frames']} early-carry frames: moving the place point {r['median_place_moved_px']:.1f} px "
+                  f"changes the pan 7 steps ahead by {r['median_pan_change_deg']:.2f} deg (median); with the true plan the "
+                  f"pan is {r['median_pan_error_deg']:.1f} deg off the expert's, who turns {r['median_expert_turn_deg']:.1f} deg")
+            if r["same_direction"] is not None:
+                print(f"{'':>12s} | the policy turns the expert's way in {r['same_direction']:.0%} of them, "
+                      f"{r['median_turn_share']:.2f} times as far (median)")
         return None
     if args.track_planner:
         from model import Policy

@@ -249,3 +249,43 @@ def test_swap_instruction_scores_a_written_plan():
 
     r = evaluation.swap_instruction(Writer(), "seen", 3)
     assert r["plans"] == 2 * r["scenes"] and r["plan_names_right_object"] == 0.0
+
+
+def test_swap_place_tells_a_carry_that_reads_the_place_point_from_one_that_does_not():
+    """swap_place moves the written plan's place point on early-carry frames: a stand-in whose pan follows the
+    plan's point changes by the point's move, one that ignores it by nothing."""
+    import numpy as np
+
+    import data
+
+    tokenizer = data.get_tokenizer()
+
+    def episode(k):
+        T = 20
+        box = np.tile(np.array([10.0, 10.0, 16.0, 16.0], np.float32), (T, 1))
+        box[5:] += np.arange(T - 5)[:, None] * 3.0  # lifted and carried from frame 5
+        return {"images": np.zeros((T, 48, 48, 3), np.uint8), "states": np.zeros((T, 6), np.float32),
+                "actions": np.zeros((T, 6), np.float32), "target_box": box, "instruction": "put the red cube in the blue bowl",
+                "target_point": np.tile(np.array([5.0 + 10 * k, 30.0], np.float32), (T, 1))}
+
+    class Stand:
+        image_size, written_plan, tok, reads = 48, True, tokenizer, False
+
+        def reset(self):
+            self.plan = None
+
+        def predict_chunk(self, obs, instruction):
+            chunk = np.zeros((8, 6), np.float32)
+            if self.reads:
+                _, point = data.parse_plan(self.tok.decode(self.plan[1]))
+                chunk[:, 0] = 0.01 * point[0]
+            return chunk
+
+    eps = [episode(k) for k in range(4)]
+    assert evaluation.carry_frame(eps[0]) == 9  # moved > 6 px at frame 7, plus 2
+    deaf = evaluation.swap_place(Stand(), eps)
+    assert deaf["frames"] == 4 and deaf["median_pan_change_deg"] == 0.0 and deaf["median_place_moved_px"] == 25.0
+    reader = Stand()
+    reader.reads = True
+    r = evaluation.swap_place(reader, eps)
+    assert abs(r["median_pan_change_deg"] - np.degrees(0.01 * 25)) < 0.01
