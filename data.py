@@ -3,6 +3,7 @@
     python data.py                      # build the tokenizer if needed, show a few grounding Q/A pairs
     python data.py --grounding 200      # write 200 grounding scenes to out/data/grounding_train (resumable)
     python data.py --demos 20           # write 20 expert demonstrations to out/data/demos_train (resumable)
+    python data.py --demos 400 --paired --miss 0.5 --workers 2   # pairs, half with a deliberate miss, 2 processes
 
 The pieces, in the order the pipeline uses them:
 
@@ -16,7 +17,8 @@ The pieces, in the order the pipeline uses them:
 3. **Grounding data** (stage 1): question/answer pairs about randomised sim scenes, written to disk in shards
    of uint8 images + JSON labels, deterministic from a seed and resumable.
 4. **Demonstrations** (stage 2): expert episodes (images, states, actions, instruction, per-frame grounding
-   labels) written one file per episode; robot.py's `record` writes the same format.
+   labels) written one file per episode; robot.py's `record` writes the same format. Options: DART noise,
+   counterfactual pairs, recovery episodes (a deliberate miss, then a retry), several recording processes.
 5. **Normalisation** of actions and states to [-1, 1] by the 1st/99th percentiles (as the paper does).
 6. **Preprocessing** shared by training and control (`preprocess_image`, `encode_prompt`): one path, so what
    the policy sees on the robot is exactly what it saw in training.
