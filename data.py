@@ -836,7 +836,7 @@ class DemoDataset(torch.utils.data.Dataset):
         frames can be fitted by continuing the motion; the few frames at the start are the only ones where
         the policy must find the object in the image, and uniform sampling gives them ~15% of the batch."""
         idx = rng.integers(len(self.index), size=n)
-        if early_fraction > 0:
+        if early_fraction > 0 and len(self.early):  # (none when every episode starts with a masked miss)
             pick = rng.random(n) < early_fraction
             idx[pick] = self.early[rng.integers(len(self.early), size=int(pick.sum()))]
         return idx

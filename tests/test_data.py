@@ -382,6 +382,8 @@ def test_missed_demos_mark_the_missed_try_and_workers_change_nothing(tmp_path, t
     ds = data.DemoDataset(eps, tok, stats)
     assert len(ds) == sum(int(ep["label_mask"].sum()) for ep in eps)
     assert all(eps[e]["label_mask"][t] for e, t in ds.index)
+    # every episode starts with a (masked) miss, so no early frames: sampling still works
+    assert len(ds.sample_indices(np.random.default_rng(0), 16, early_fraction=0.3)) == 16
     # without misses there is no mask and every frame is an item
     plain = str(tmp_path / "plain")
     data.generate_demos(plain, 1, "train", seed=0, image_size=32, progress=False)
