@@ -373,9 +373,9 @@ def carry_frame(episode: dict, moved_px: float = 6.0, after: int = 2):
     return int(min(moved[0] + after, len(episode["actions"]) - 8))
 
 
-def swap_place(policy, episodes: list, chunk_step: int = 7) -> dict:
+def swap_place(policy, episodes: list, chunk_step: int = 7, after: int = 2) -> dict:
     """Does the carry follow the written plan's place point? On an early-carry frame of each demonstration
-    (carry_frame) the chunk is predicted twice from the same noise: with the episode's own plan, and with the
+    (carry_frame, `after` steps into the move) the chunk is predicted twice from the same noise: with the episode's own plan, and with the
     place point of the episode whose place point lies farthest from it. Returns the medians of: how much the
     pan at the chunk's step `chunk_step` changes (deg), how far the place point moved (px), the pan's error
     against the expert's action at that step with the true plan, and how far the expert turns meanwhile.
@@ -388,7 +388,7 @@ def swap_place(policy, episodes: list, chunk_step: int = 7) -> dict:
     points = np.array([ep["target_point"][0] for ep in episodes])
     change, moved, error, turn, same_way, share = [], [], [], [], [], []
     for k, ep in enumerate(episodes):
-        t = carry_frame(ep)
+        t = carry_frame(ep, after=after)
         if t is None or t + chunk_step >= len(ep["actions"]):
             continue
         far = int(np.argmax(np.linalg.norm(points - points[k], axis=1)))
@@ -690,6 +690,8 @@ def main(argv=None):
     p.add_argument("--swap-place", default="", metavar="DEMO_DIR",
                    help="instead of the suites' success: on early-carry frames of the demonstrations in DEMO_DIR (the "
                         "last 60), does the chunk change when the written plan's place point is moved? (swap_place)")
+    p.add_argument("--carry-after", type=int, default=2, metavar="STEPS",
+                   help="--swap-place's frame: this many steps after the object first moved in the image")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
@@ -736,7 +738,7 @@ def main(argv=None):
 
         eps = data.read_demo_episodes(args.swap_place)[-60:]
         for ck, name in zip(args.ckpt, names):
-            r = swap_place(Policy.load(ck), eps)
+            r = swap_place(Policy.load(ck), eps, after=args.carry_after)
             print(f"{name:>12s} | {r['frames']} early-carry frames: moving the place point {r['median_place_moved_px']:.1f} px "
                   f"changes the pan 7 steps ahead by {r['median_pan_change_deg']:.2f} deg (median); with the true plan the "
                   f"pan is {r['median_pan_error_deg']:.1f} deg off the expert's, who turns {r['median_expert_turn_deg']:.1f} deg")
