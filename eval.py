@@ -128,13 +128,6 @@ def _grasp_gap(env) -> float:
     return float(np.linalg.norm(site - obj))
 
 
-def _target_to_container(env) -> float:
-    """Horizontal distance (m) from the target object to the centre of its container."""
-    p = env.data.xpos[env.model.body(f"obj{env.scene['target_object']}").id]
-    co = env.scene["containers"][env.scene["target_container"]]["pos"]
-    return float(np.hypot(p[0] - co[0], p[1] - co[1]))
-
-
 def _suite_env(suite: str, image_size: int, seed_offset: int = 0):
     """The simulator a suite runs in, and the seed of its episode 0 (episode i has seed + i)."""
     spec = dict(SUITES[suite])
@@ -171,11 +164,12 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
             if record:
                 frames.append(draw_frame(obs["image"], info["instruction"], overlay))
             obs, _, terminated, truncated, info = env.step(action)
-            max_lift = np.maximum(max_lift, _object_heights(env) - z0)
+            lift = _object_heights(env) - z0
+            max_lift = np.maximum(max_lift, lift)
             closest = min(closest, _grasp_gap(env))
-            if _object_heights(env)[env.scene["target_object"]] - z0[env.scene["target_object"]] > LIFTED:
+            if lift[env.scene["target_object"]] > LIFTED:
                 held += 1
-                carried = min(carried, _target_to_container(env))
+                carried = min(carried, env.target_to_container())
             if terminated or truncated:
                 break
         if record:

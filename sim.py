@@ -586,11 +586,16 @@ class SO100Env:
         still = np.linalg.norm(d.cvel[ob][3:]) < 0.05
         return bool(self.target_over_container() and low and still and not self._touches_gripper(ob))
 
+    def target_to_container(self) -> float:
+        """Horizontal distance (m) from the target object to the centre of its container."""
+        p = self.data.xpos[self.model.body(f"obj{self.scene['target_object']}").id]
+        co = self.scene["containers"][self.scene["target_container"]]["pos"]
+        return math.hypot(p[0] - co[0], p[1] - co[1])
+
     def target_over_container(self) -> bool:
         """The target object is within the target container's rim (seen from above), at any height."""
-        p = self.data.xpos[self.model.body(f"obj{self.scene['target_object']}").id]
         co = self.scene["containers"][self.scene["target_container"]]
-        return math.hypot(p[0] - co["pos"][0], p[1] - co["pos"][1]) <= CONTAINER_INNER[co["shape"]]
+        return self.target_to_container() <= CONTAINER_INNER[co["shape"]]
 
     def _touches_gripper(self, body_id: int) -> bool:
         m, d = self.model, self.data

@@ -99,7 +99,8 @@ PRESETS = {
     # full: the default's data and model, 12000 steps. Measured on an H100 (README, "Stage 1 on a GPU"): box
     # Acc@0.5 99.0%, point 99.3%, trace DFD 0.95 px on the 300 test scenes, in 6.2 min of training. Between
     # steps ~3000 and ~6000 the boxes jump from ~54% to ~98%: the words bind to the objects. On 2 CPU cores the
-    # same run would take ~70 min (estimated from the step time), which is why the default stops at 2600 steps (before that jump).
+    # same run would take ~70 min (estimated from the step time), which is why the default stops at 2600 steps,
+    # before that jump.
     "full": dict(max_steps=12000),
 }
 
@@ -130,14 +131,15 @@ def parse_config(argv=None) -> Config:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=getattr(base, f.name))
         else:
             p.add_argument(flag, dest=f.name, type=type(getattr(base, f.name)), default=getattr(base, f.name))
-    return Config(**vars(p.parse_args(argv)))
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.schedule not in ("cosine", "wsd"):
+        p.error(f"--schedule must be cosine or wsd, not {cfg.schedule!r}")
+    return cfg
 
 
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warm-up, then cosine decay to min_lr (schedule "cosine"), or: hold lr, and decay (cosine) to
     min_lr over the last decay_fraction of the steps only (schedule "wsd": warm-up, stable, decay)."""
-    if cfg.schedule not in ("cosine", "wsd"):
-        raise ValueError(f"--schedule must be cosine or wsd, not {cfg.schedule!r}")
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     start = cfg.warmup if cfg.schedule == "cosine" else max(cfg.warmup, int(cfg.max_steps * (1 - cfg.decay_fraction)))
