@@ -442,6 +442,22 @@ def parse_plan(text: str):
     return parse_box(box), parse_point("(" + point)
 
 
+PLAN_DIM = 6  # a written plan as numbers: the box's x1, y1, x2, y2 and the place point's x, y
+
+
+def plan_vector(text: str, image_size: int) -> np.ndarray:
+    """A written plan's text -> (PLAN_DIM,) float32 in [-1, 1] (pixels / image_size * 2 - 1): the numbers the action
+    expert reads beside the joint state with train_action.py --plan-numbers. Training and control both go
+    through the text, so they round alike. A part the planner failed to write reads 0 (the image's middle)."""
+    box, point = parse_plan(text)
+    v = np.zeros(PLAN_DIM, np.float32)
+    if box is not None:
+        v[:4] = np.asarray(box, np.float32) / image_size * 2 - 1
+    if point is not None:
+        v[4:] = np.asarray(point, np.float32) / image_size * 2 - 1
+    return v
+
+
 def pad_batch(seqs: list, pad_id: int, fill=None):
     """Right-pad token lists -> (tokens int64 (B, L), pad_mask bool (B, L) True on PADDING, as model.py expects)."""
     L = max(len(s) for s in seqs)
@@ -793,16 +809,20 @@ class DemoDataset(torch.utils.data.Dataset):
     (compute_delta_stats); otherwise absolute joint targets normalised with stats["action"].
 
     collate -> images (B,3,H,W), tokens (B,L), pad_mask (B,L), actions (B,chunk,6) normalised,
-               state (B,6) normalised, where (B,4) object and container centres in [0, 1] (or None;
+               state (B,6) normalised (then the previous step's with prev_state, then the plan's numbers with
+               plan_numbers), where (B,4) object and container centres in [0, 1] (or None;
                the object's are NaN while it is off the table, unless held_labels).
     """
 
     def __init__(self, episodes: list, tok: tiktoken.Encoding, stats: dict, chunk: int = 8,
                  spatial_prompt: bool = True, relative: bool = False, held_labels: bool = True,
-                 written_plan: bool = False):
+                 written_plan: bool = False, plan_numbers: bool = False, prev_state: bool = False):
         self.eps, self.tok, self.stats, self.chunk, self.relative = episodes, tok, stats, chunk, relative
+        self.prev_state = prev_state  # also the state one control step earlier (frame 0: the same state again)
         if written_plan and not spatial_prompt:
             raise ValueError("a written plan is the answer to the spatial prompt: it needs spatial_prompt=True")
+        if plan_numbers and not written_plan:
+            raise ValueError("plan_numbers are the written plan's numbers: they need written_plan=True")
         if written_plan and any("target_box" not in ep for ep in episodes):
             raise ValueError("a written plan needs the key object's box and place point (sim demonstrations)")
         # held_labels=False: no object position label once it has left the table (computed once per episode)
@@ -816,8 +836,10 @@ class DemoDataset(torch.utils.data.Dataset):
         self.pad = tok.encode_single_token(PAD)
         self.prompts = [encode_prompt(tok, ep["instruction"], spatial_prompt) for ep in episodes]
         if written_plan:  # prompt + <|answer|> + "[x1,y1,x2,y2](x,y)" from the episode's first frame
-            self.prompts = [p + plan_tokens(tok, ep["target_box"][0], ep["target_point"][0], self.image_size)
-                            for p, ep in zip(self.prompts, episodes)]
+            plans = [plan_tokens(tok, ep["target_box"][0], ep["target_point"][0], self.image_size) for ep in episodes]
+            self.prompts = [p + q for p, q in zip(self.prompts, plans)]
+        # plan_numbers: the same plan as PLAN_DIM numbers, appended to each frame's normalised state (plan_vector)
+        self.plan_vecs = [plan_vector(tok.decode(q), self.image_size) for q in plans] if plan_numbers else None
 
     def __len__(self):
         return len(self.index)
@@ -825,7 +847,11 @@ class DemoDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         e, t = self.index[i]
         ep = self.eps[e]
-        state = normalize(ep["states"][t], self.stats["state"])
+        state = normalize(ep["states"][t], self.stats["state"])  # (6,)
+        if self.prev_state:  # (12,): now, then one step ago -- which way the arm is moving
+            state = np.concatenate([state, normalize(ep["states"][max(t - 1, 0)], self.stats["state"])])
+        if self.plan_vecs is not None:
+            state = np.concatenate([state, self.plan_vecs[e]])  # (... + PLAN_DIM,)
         if self.relative:
             return e, t, normalize(chunk_deltas(ep, t, self.chunk), self.stats["delta"]), state
         return e, t, normalize(chunk_actions(ep, t, self.chunk), self.stats["action"]), state
@@ -845,7 +871,7 @@ class DemoDataset(torch.utils.data.Dataset):
         images = preprocess_image(np.stack([self.eps[e]["images"][t] for e, t, _, _ in batch]), self.image_size)
         tokens, mask = pad_batch([self.prompts[e] for e, _, _, _ in batch], self.pad)
         actions = torch.from_numpy(np.stack([b[2] for b in batch]))  # (B, chunk, 6)
-        state = torch.from_numpy(np.stack([b[3] for b in batch]))     # (B, 6)
+        state = torch.from_numpy(np.stack([b[3] for b in batch]))     # (B, 6) (+ 6 with prev_state, + PLAN_DIM with plan_numbers)
         return images, tokens, mask, actions, state, self.where_labels(batch)
 
     def where_labels(self, batch):

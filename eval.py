@@ -104,6 +104,7 @@ OUTCOMES = ("success", "target placed, not released", "target lifted, not placed
 
 
 LIFTED = 0.03  # m above where it started: "lifted", well clear of a push or a bump
+JAW_OPENING = 0.2  # rad: a commanded jaw above this is opening (the expert commands -0.15 to hold, 0.6 to let go)
 
 
 def classify_episode(success: bool, target_lift: float, other_lift: float, target_in_container: bool) -> str:
@@ -143,7 +144,7 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
 
     env, base_seed = _suite_env(suite, policy.image_size, seed_offset)
     success, steps_ok, chunk_ms, frames, final_states, outcomes, closest_cm = [], [], [], [], [], [], []
-    held_steps, carried_cm = [], []
+    held_steps, carried_cm, falls = [], [], []
     for i in tqdm(range(first, last), desc=f"{suite}", disable=not progress, unit="ep", leave=False):
         obs, info = env.reset(seed=base_seed + i)
         policy.reset()
@@ -152,6 +153,8 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
         max_lift = np.zeros_like(z0)
         closest = _grasp_gap(env)  # how near the jaws ever came to the target: a miss measured in cm
         held, carried = 0, np.inf  # steps with the target up (> 3 cm), and how near its container it got then
+        up, jaw = False, []  # is the target up now; the jaw commands of the last steps
+        ep_falls = []  # each time the target came back down: did the policy open its jaws, was it over its container
         overlay = planner_overlay(policy, obs, info) if record else {}
         for t in range(env.cfg.max_steps):
             replans = policy.n_plans
@@ -167,9 +170,14 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
             lift = _object_heights(env) - z0
             max_lift = np.maximum(max_lift, lift)
             closest = min(closest, _grasp_gap(env))
+            jaw = (jaw + [float(action[5])])[-3:]  # a falling object needs a step or two to come down
             if lift[env.scene["target_object"]] > LIFTED:
                 held += 1
                 carried = min(carried, env.target_to_container())
+                up = True
+            elif up:  # it was up and is down again: let go on purpose, or slipped from closed jaws?
+                up = False
+                ep_falls.append({"opened": max(jaw) > JAW_OPENING, "over_container": env.target_over_container()})
             if terminated or truncated:
                 break
         if record:
@@ -183,6 +191,7 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
         closest_cm.append(100 * closest)
         held_steps.append(held)
         carried_cm.append(round(100 * carried, 2) if held else None)
+        falls.append(ep_falls)
         final_states.append([round(float(v), 6) for v in obs["state"]])
         if info["success"]:
             steps_ok.append(env.steps)
@@ -192,7 +201,8 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
         ims = [Image.fromarray(f) for f in frames]
         ims[0].save(gif_path, save_all=True, append_images=ims[1:], duration=100, loop=0)
     return {"success": success, "steps_ok": steps_ok, "chunk_ms": chunk_ms, "final_states": final_states,
-            "outcomes": outcomes, "closest_cm": closest_cm, "held_steps": held_steps, "carried_cm": carried_cm}
+            "outcomes": outcomes, "closest_cm": closest_cm, "held_steps": held_steps, "carried_cm": carried_cm,
+            "falls": falls}
 
 
 def _worker(job: tuple) -> dict:
@@ -216,7 +226,8 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
 
         cuts = np.linspace(0, episodes, workers + 1).astype(int)
         # the workers load the checkpoint themselves, with the same control settings as `policy` (if given)
-        policy_kwargs = {} if policy is None else dict(replan_every=policy.replan_every, noise_scale=policy.noise_scale)
+        policy_kwargs = {} if policy is None else dict(replan_every=policy.replan_every, noise_scale=policy.noise_scale,
+                                                       samples=policy.samples)
         jobs = [(ckpt, policy_kwargs, suite, int(a), int(b), seed_offset, gif_path if k == 0 else None, gif_episodes)
                 for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
         # spawn, not fork: a forked child would inherit the parent's OpenGL context and torch threads
@@ -239,7 +250,7 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
             "final_states": raw["final_states"],  # the arm's last joint angles per episode (a fingerprint)
             # after a lift: for how many steps the target stayed up, and how near its container it came (the
             # expert's carry keeps it up ~25-40 steps and ends over the container)
-            **lift_summary(raw["outcomes"], raw["held_steps"], raw["carried_cm"])}
+            **lift_summary(raw["outcomes"], raw["held_steps"], raw["carried_cm"]), **fall_summary(raw["falls"])}
 
 
 def lift_summary(outcomes: list, held_steps: list, carried_cm: list) -> dict:
@@ -249,6 +260,17 @@ def lift_summary(outcomes: list, held_steps: list, carried_cm: list) -> dict:
     return {"held_steps": held_steps, "carried_cm": carried_cm,
             "lifted_not_placed_median_held_steps": float(np.median([held_steps[i] for i in idx])) if idx else None,
             "lifted_not_placed_median_carried_cm": float(np.median([carried_cm[i] for i in idx])) if idx else None}
+
+
+def fall_summary(falls: list) -> dict:
+    """Every time a lifted target came back down (per episode, from run_episodes): how many times, how many
+    right after the policy commanded its jaws open (JAW_OPENING), and how many of those away from its container.
+    Falls from closed jaws are slips (or the expert's own lowering into the container, which ends below LIFTED
+    before the jaws open)."""
+    flat = [f for ep in falls for f in ep]
+    opened = [f for f in flat if f["opened"]]
+    return {"falls": len(flat), "falls_opened": len(opened),
+            "falls_opened_outside": sum(not f["over_container"] for f in opened)}
 
 
 def open_loop_error(policy, episodes: list, every: int = 4) -> dict:
@@ -261,7 +283,8 @@ def open_loop_error(policy, episodes: list, every: int = 4) -> dict:
         policy.reset()  # a written plan (if any) comes from the episode's first frame, as in control
         for t in range(0, len(ep["actions"]) - n, every):
             policy.reset(keep_plan=True)
-            chunk = policy.predict_chunk({"image": ep["images"][t], "state": ep["states"][t]}, ep["instruction"])
+            chunk = policy.predict_chunk({"image": ep["images"][t], "state": ep["states"][t],
+                                          "prev_state": ep["states"][max(t - 1, 0)]}, ep["instruction"])
             errors.append(np.abs(chunk[:n] - ep["actions"][t:t + n]).mean(0))  # (6,) radians
     deg = np.degrees(np.mean(errors, 0))
     return {"chunks": len(errors), **{name: float(e) for name, e in zip(sim.JOINT_NAMES, deg)}}
@@ -386,7 +409,7 @@ def swap_place(policy, episodes: list, chunk_step: int = 7, after: int = 2) -> d
         if t is None or t + chunk_step >= len(ep["actions"]):
             continue
         far = int(np.argmax(np.linalg.norm(points - points[k], axis=1)))
-        obs = {"image": ep["images"][t], "state": ep["states"][t]}
+        obs = {"image": ep["images"][t], "state": ep["states"][t], "prev_state": ep["states"][max(t - 1, 0)]}
         pans = []
         for point in (points[k], points[far]):
             policy.reset()
@@ -518,16 +541,16 @@ def plot_curves(ckpts: list, names: list, path: str):
 
 def evaluate(ckpts: list, names: list, suites: list, episodes: int, seed: int, out: str, grounding_dir: str,
              progress: bool = True, gifs: int = 3, workers: int = 1, replan_every: int = 0,
-             noise_scale: float = 1.0) -> dict:
+             noise_scale: float = 1.0, samples: int = 1) -> dict:
     from model import Policy
 
     os.makedirs(out, exist_ok=True)
     results = {"machine": machine(), "episodes_per_suite": episodes, "seed": seed, "workers": workers,
-               "replan_every": replan_every or "chunk_len // 2", "noise_scale": noise_scale,
+               "replan_every": replan_every or "chunk_len // 2", "noise_scale": noise_scale, "samples": samples,
                "suites": {s: {} for s in suites},
                "grounding": {}, "checkpoints": dict(zip(names, ckpts))}
     for ck, name in zip(ckpts, names):
-        policy = Policy.load(ck, replan_every=replan_every, noise_scale=noise_scale)
+        policy = Policy.load(ck, replan_every=replan_every, noise_scale=noise_scale, samples=samples)
         for s in suites:
             t0 = time.time()
             r = run_suite(policy, s, episodes, seed, os.path.join(out, f"{s}_{name}.gif") if gifs else None,
@@ -566,6 +589,10 @@ def print_table(results: dict, names: list):
                             f"{row[n]['lifted_not_placed_median_carried_cm']:.1f}"
                             for n in names if row[n].get("lifted_not_placed_median_held_steps") is not None)
         for s, row in results["suites"].items()))
+    print("a lifted target came down: times / after the policy opened its jaws / ... away from its container: " + "; ".join(
+        f"{s} " + ", ".join(f"{n} {row[n]['falls']} / {row[n]['falls_opened']} / {row[n]['falls_opened_outside']}"
+                            for n in names if "falls" in row[n])
+        for s, row in results["suites"].items()))
     ms = [next((r[n]["ms_per_chunk"] for r in results["suites"].values() if r[n]["ms_per_chunk"]), None) for n in names]
     print(f"{'ms/chunk':>12s} | " + " | ".join(f"{m:22.1f}" if m else f"{'-':>22s}" for m in ms))
     if results["grounding"]:
@@ -592,6 +619,8 @@ ABLATION = {  # name -> extra flags for train_action.py
     # session 6's remedies for "the actions ignore the words" (README, item 11); not in --ablation's default set
     "m1_plan": ["--variant", "m1", "--paired-demos", "--written-plan"],
     "vanilla_paired": ["--variant", "vanilla", "--paired-demos"],
+    # session 10: the plan's numbers and the previous state reach the DiT directly (README, item 15)
+    "m1_plan_num": ["--variant", "m1", "--paired-demos", "--written-plan", "--plan-numbers", "--prev-state"],
 }
 
 
@@ -614,7 +643,8 @@ def pipeline(args):
     r = resume(os.path.join(out, "stage1"))
     run(["train_grounding.py", *p, "--out", os.path.join(out, "stage1"), *r])
     timings["stage1 (data + training + grounding eval)" + (" (resumed)" if r else "")] = time.time() - t
-    variants = [v for v in ABLATION if v not in ("m1_plan", "vanilla_paired")] if args.ablation else args.variants
+    recipes = ("m1_plan", "vanilla_paired", "m1_plan_num")  # whole recipes, not one component off: --variants only
+    variants = [v for v in ABLATION if v not in recipes] if args.ablation else args.variants
     for v in variants:
         t = time.time()
         r = resume(os.path.join(out, v))
@@ -662,6 +692,8 @@ def main(argv=None):
                    help="actions executed from each predicted chunk before planning again (default chunk_len // 2)")
     p.add_argument("--noise-scale", type=float, default=1.0,
                    help="scale of the DDIM starting noise (1 = as trained, 0 = the same start every time)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="chunks drawn per plan; > 1 executes their medoid, so a rare mode drawn once is outvoted")
     p.add_argument("--out", default="", help="output folder (default out/eval, or out/pipeline with --pipeline)")
     p.add_argument("--preset", default="default", choices=["smoke", "default", "full"], help="pipeline size")
     p.add_argument("--pipeline", action="store_true", help="run data -> stage 1 -> stage 2 -> eval")
@@ -754,7 +786,7 @@ def main(argv=None):
         return None
     return evaluate(args.ckpt, names, args.suites, args.episodes or 200, args.seed, args.out or "out/eval",
                     args.grounding_dir, not args.no_progress, args.gifs, args.workers, args.replan_every,
-                    args.noise_scale)
+                    args.noise_scale, args.samples)
 
 
 if __name__ == "__main__":

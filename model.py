@@ -787,10 +787,23 @@ class VLA(nn.Module):
 
     @torch.inference_mode()
     def predict_actions(self, images, tokens, pad_mask=None, state_norm=None, n_ddim=10, generator=None,
-                        noise_scale=1.0):
-        """One planner pass + n_ddim DiT passes -> normalised action chunk (B,Hc,A). Caller sets eval mode."""
-        cond = self.condition(images, tokens, pad_mask)
-        return self.expert.sample(cond, state_norm, n_ddim, generator, noise_scale)
+                        noise_scale=1.0, n_samples=1):
+        """One planner pass + n_ddim DiT passes -> normalised action chunk (B,Hc,A). Caller sets eval mode.
+        n_samples > 1 draws that many chunks from the same condition (one batched DDIM run) and returns, per
+        row, the medoid: the drawn chunk with the smallest summed distance to the others. It is a real sample,
+        so joints stay consistent with each other, but a rare mode drawn by one sample in K (say, opening the
+        jaws in mid-carry, README) is outvoted by the rest."""
+        cond = self.condition(images, tokens, pad_mask)  # (B, K_q, d)
+        if n_samples <= 1:
+            return self.expert.sample(cond, state_norm, n_ddim, generator, noise_scale)
+        B = cond.shape[0]
+        cond = cond.repeat_interleave(n_samples, 0)  # (B*S, K_q, d): sample s of row b sits at b*S + s
+        state_norm = None if state_norm is None else state_norm.repeat_interleave(n_samples, 0)
+        chunks = self.expert.sample(cond, state_norm, n_ddim, generator, noise_scale)  # (B*S, Hc, A)
+        chunks = chunks.view(B, n_samples, -1)  # (B, S, Hc*A)
+        spread = torch.cdist(chunks, chunks).sum(-1)  # (B, S): summed distance of each sample to the others
+        best = spread.argmin(1)  # (B,)
+        return chunks[torch.arange(B), best].view(B, -1, self.action_config.action_dim)
 
     def param_groups(self, lr_planner=1e-5, lr_action=1e-4, lr_other=5e-5, weight_decay=0.01):
         """AdamW groups with the paper's per-module learning rates (use betas=(0.9, 0.95)). Weight decay only
@@ -848,7 +861,7 @@ class Policy:
     """
 
     def __init__(self, vla, config: dict, device: str = "cpu", n_ddim: int = 10, replan_every: int = 0,
-                 seed: int = 0, threads: int = 1, noise_scale: float = 1.0):
+                 seed: int = 0, threads: int = 1, noise_scale: float = 1.0, samples: int = 1):
         import data  # the tokenizer and the preprocessing shared with training
 
         self.data = data
@@ -857,6 +870,8 @@ class Policy:
         self.image_size = int(config["image_size"])
         self.spatial_prompt = bool(config["spatial_prompt"])
         self.written_plan = bool(config.get("written_plan", False))  # the planner writes its answer first
+        self.plan_numbers = bool(config.get("plan_numbers", False))  # ... and the DiT reads its numbers too
+        self.prev_state = bool(config.get("prev_state", False))  # the DiT also reads the previous step's state
         self.last_plan = None  # the text of the last written plan (eval.py draws it on GIFs)
         self.use_state = bool(config["use_state"])
         self.relative = bool(config.get("relative_actions", False))  # chunks are (action - state at planning)
@@ -865,6 +880,7 @@ class Policy:
         self.replan_every = replan_every or max(1, self.chunk_len // 2)
         self.n_ddim, self.seed = n_ddim, seed
         self.noise_scale = noise_scale  # DDIM's starting noise (1 = as trained; see ActionExpert.sample)
+        self.samples = samples  # chunks drawn per plan; > 1 keeps their medoid (VLA.predict_actions)
         # batch-1 inference is a string of tiny ops: one thread avoids two threads waiting on each other,
         # which costs seconds per chunk whenever another process keeps a core busy
         if threads:
@@ -884,6 +900,7 @@ class Policy:
         """Call at the start of every episode: forget queued actions and the written plan, restart the sampling
         noise. keep_plan=True keeps the plan (still the same episode)."""
         self.queue = []
+        self.last_state = None  # the state seen at the previous act() (for prev_state checkpoints)
         self.generator = torch.Generator().manual_seed(self.seed)
         if not keep_plan:
             self.plan = None  # (instruction, plan token ids), written on the next call
@@ -924,13 +941,22 @@ class Policy:
 
     @torch.inference_mode()
     def predict_chunk(self, obs: dict, instruction: str) -> np.ndarray:
-        """A chunk of future joint targets (chunk_len, 6) in radians."""
+        """A chunk of future joint targets (chunk_len, 6) in radians. obs may carry "prev_state", the state one
+        control step earlier (act() keeps it itself; without one the current state stands in, as at t = 0)."""
         image, tokens, state = self.condition_inputs(obs, instruction)
         state_norm = None
         if self.use_state:
-            state_norm = torch.from_numpy(self.data.normalize(state, self.stats["state"]))[None].to(self.device)
+            state_norm = self.data.normalize(state, self.stats["state"])  # (6,)
+            if self.prev_state:  # (12,): the layout of data.DemoDataset(prev_state=True)
+                prev = obs.get("prev_state", self.last_state)
+                prev = state if prev is None else np.asarray(prev, np.float32)
+                state_norm = np.concatenate([state_norm, self.data.normalize(prev, self.stats["state"])])
+            if self.plan_numbers:  # the plan written on the first frame, as numbers (data.plan_vector)
+                plan = self.data.plan_vector(self.tok.decode(self.plan[1]), self.image_size)
+                state_norm = np.concatenate([state_norm, plan])  # (... + PLAN_DIM,), the layout of training
+            state_norm = torch.from_numpy(state_norm)[None].to(self.device)
         chunk = self.vla.predict_actions(image, tokens, None, state_norm, self.n_ddim, self.generator,
-                                         self.noise_scale)  # (1, Hc, 6)
+                                         self.noise_scale, self.samples)  # (1, Hc, 6)
         self.n_plans += 1
         if self.relative:
             return self.data.unnormalize(chunk[0].cpu().numpy(), self.stats["delta"]) + state
@@ -939,6 +965,7 @@ class Policy:
     def act(self, obs: dict, instruction: str) -> np.ndarray:
         if not self.queue:
             self.queue = list(self.predict_chunk(obs, instruction)[: self.replan_every])
+        self.last_state = np.asarray(obs["state"], np.float32).copy()
         return self.queue.pop(0).astype(np.float32)
 
     @torch.no_grad()

@@ -69,6 +69,12 @@ class Config:
     written_plan: bool = False   # the planner writes its answer to the spatial prompt (the key object's box) and
                                  # the queries read it too (data.plan_tokens, model.Policy.condition_inputs): the
                                  # latent path alone never carried WHICH object is named (README, item 11)
+    plan_numbers: bool = False   # with written_plan: the plan's numbers (box, place point; data.plan_vector) also
+                                 # reach the DiT directly, beside the joint state, instead of only through the
+                                 # planner's hidden states, where the carry hardly read the place point (README)
+    prev_state: bool = False     # the DiT also reads the joint state one control step earlier (the arm's motion;
+                                 # Diffusion Policy reads 2 observation steps): the end of the lift and the start
+                                 # of the lowering over the container look alike in one frame (README, item 15)
     early_fraction: float = 0.3  # share of each batch from the first data.EARLY_STEPS frames of an episode
     demo_noise: float = 0.08     # DART: std (rad) of held offsets on the expert's executed actions
                                  # (data.generate_demos); both variants learn from the same demonstrations
@@ -140,7 +146,13 @@ def parse_config(argv=None) -> Config:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=getattr(base, f.name))
         else:
             p.add_argument(flag, dest=f.name, type=type(getattr(base, f.name)), default=getattr(base, f.name))
-    return Config(**vars(p.parse_args(argv)))
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.prev_state and not cfg.use_state:
+        p.error("--prev-state adds the previous joint state to the state the DiT reads: it needs --use-state")
+    if cfg.plan_numbers and not (cfg.written_plan and cfg.use_state):
+        p.error("--plan-numbers gives the action expert the written plan's numbers beside the joint state: "
+                "it needs --written-plan and --use-state")
+    return cfg
 
 
 def lr_scale(step: int, cfg: Config) -> float:
@@ -198,9 +210,9 @@ def main(argv=None):
     if cfg.relative_actions:  # per-step ranges of (action - state), from the training episodes only
         stats = {**stats, "delta": data.compute_delta_stats(train_eps, cfg.chunk_len)}
     train_set = data.DemoDataset(train_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions,
-                                 cfg.held_labels, cfg.written_plan)
+                                 cfg.held_labels, cfg.written_plan, cfg.plan_numbers, cfg.prev_state)
     val_set = data.DemoDataset(val_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions,
-                               cfg.held_labels, cfg.written_plan)
+                               cfg.held_labels, cfg.written_plan, cfg.plan_numbers, cfg.prev_state)
     log(f"demos: {len(episodes)} successful episodes, {len(train_set)} training frames, {len(val_set)} validation")
     ground_set = None
     if cfg.cotrain:
@@ -219,6 +231,7 @@ def main(argv=None):
 
     # -- model -------------------------------------------------------------------------------------------
     acfg = ActionExpertConfig(chunk_len=cfg.chunk_len, use_state=cfg.use_state, d_model=cfg.d_action,
+                              state_dim=6 * (1 + cfg.prev_state) + (data.PLAN_DIM if cfg.plan_numbers else 0),
                               n_layers=cfg.action_layers, n_queries=cfg.n_queries, where_head=cfg.where_weight > 0)
     if cfg.from_stage1:
         model, s1_config, fresh = VLA.from_planner_checkpoint(cfg.stage1, acfg)
@@ -258,7 +271,7 @@ def main(argv=None):
         save_checkpoint(ckpt_dir, model, {
             "stage": 2, "step": step, "variant": cfg.variant, "train_config": asdict(cfg),
             "image_size": cfg.image_size, "spatial_prompt": cfg.spatial_prompt, "written_plan": cfg.written_plan,
-            "chunk_len": cfg.chunk_len,
+            "plan_numbers": cfg.plan_numbers, "prev_state": cfg.prev_state, "chunk_len": cfg.chunk_len,
             "use_state": cfg.use_state, "relative_actions": cfg.relative_actions, "norm_stats": stats,
             "tokenizer": data.ranks_to_json(data.load_ranks()),
             "history": history, "val_history": val_history})

@@ -412,3 +412,44 @@ def test_written_plan_is_the_first_frames_box_and_place_point(tok):
         assert box.tolist() == [10, 20, 30, 40] and point.tolist() == [50, 63]
     with pytest.raises(ValueError, match="spatial prompt"):
         data.DemoDataset([ep], tok, stats, 4, spatial_prompt=False, written_plan=True)
+
+
+def test_plan_numbers_follow_the_state_and_say_what_the_plan_says(tok):
+    """DemoDataset(plan_numbers=True): each row's state is the normalised joint state, then the written plan's
+    box and place point as numbers in [-1, 1] (data.plan_vector), the same for every frame of the episode."""
+    T = 5
+    ep = {"actions": np.zeros((T, 6), np.float32), "states": np.random.default_rng(0).uniform(-1, 1, (T, 6)).astype(np.float32),
+          "images": np.zeros((T, 64, 64, 3), np.uint8), "instruction": "put the red cube in the blue bowl",
+          "target_box": np.tile([[16, 32, 48, 64]], (T, 1)).astype(np.float32),
+          "container_box": np.zeros((T, 4), np.float32), "target_point": np.tile([[0.0, 32.0]], (T, 1))}
+    stats = data.compute_norm_stats([ep])
+    ds = data.DemoDataset([ep], tok, stats, 4, written_plan=True, plan_numbers=True)
+    *_, state, _ = ds.collate([ds[1], ds[4]])
+    assert state.shape == (2, 6 + data.PLAN_DIM)
+    assert np.allclose(state[:, :6].numpy(), data.normalize(ep["states"][[1, 4]], stats["state"]))
+    # the box [16,32,48,63] (clipped to the 64 px image) and the point (0,32), as the text says
+    want = np.array([16, 32, 48, 63, 0, 32]) / 64 * 2 - 1
+    assert np.allclose(state[:, 6:].numpy(), want[None], atol=1e-6)
+    # a part the planner failed to write reads as the image's middle (0)
+    assert np.allclose(data.plan_vector("[16,32,48,63](oops", 64), np.r_[want[:4], 0, 0])
+    assert not data.plan_vector("", 64).any()
+    with pytest.raises(ValueError, match="written_plan"):
+        data.DemoDataset([ep], tok, stats, 4, plan_numbers=True)
+
+
+def test_prev_state_is_the_step_before_and_frame_0_repeats_itself(tok):
+    """DemoDataset(prev_state=True): each row's state is the normalised state now, then one step earlier (at
+    frame 0 there is no earlier step: the same state again), then the plan's numbers if asked for."""
+    T = 4
+    ep = {"actions": np.zeros((T, 6), np.float32), "states": np.arange(T * 6, dtype=np.float32).reshape(T, 6) / 30,
+          "images": np.zeros((T, 64, 64, 3), np.uint8), "instruction": "put the red cube in the blue bowl",
+          "target_box": np.tile([[16, 32, 48, 60]], (T, 1)).astype(np.float32),
+          "container_box": np.zeros((T, 4), np.float32), "target_point": np.tile([[8.0, 32.0]], (T, 1))}
+    stats = data.compute_norm_stats([ep])
+    ds = data.DemoDataset([ep], tok, stats, 4, written_plan=True, plan_numbers=True, prev_state=True)
+    *_, state, _ = ds.collate([ds[0], ds[3]])
+    norm = data.normalize(ep["states"], stats["state"])
+    assert state.shape == (2, 12 + data.PLAN_DIM)
+    assert np.allclose(state[0, :12].numpy(), np.r_[norm[0], norm[0]])
+    assert np.allclose(state[1, :12].numpy(), np.r_[norm[3], norm[2]])
+    assert np.allclose(state[1, 12:].numpy(), np.array([16, 32, 48, 60, 8, 32]) / 64 * 2 - 1)

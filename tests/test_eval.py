@@ -95,7 +95,7 @@ def test_an_arm_that_holds_still_lifts_nothing():
 
     r = evaluation.run_episodes(Still(), "single", 0, 2, progress=False)  # one object, one container
     assert r["success"] == [False, False] and r["outcomes"] == ["nothing lifted"] * 2
-    assert r["held_steps"] == [0, 0] and r["carried_cm"] == [None, None]
+    assert r["held_steps"] == [0, 0] and r["carried_cm"] == [None, None] and r["falls"] == [[], []]
 
 
 def test_a_carried_target_is_counted_as_held_until_it_reaches_its_container(monkeypatch):
@@ -118,6 +118,20 @@ def test_a_carried_target_is_counted_as_held_until_it_reaches_its_container(monk
 
     r = evaluation.run_episodes(Expert(), "seen", 0, 1, progress=False)
     assert r["success"] == [True] and r["held_steps"][0] >= 15 and r["carried_cm"][0] < 3.0
+    # it comes down once, lowered into its container with the jaws still closed: no fall "after opening"
+    assert evaluation.fall_summary(r["falls"]) == {"falls": 1, "falls_opened": 0, "falls_opened_outside": 0}
+
+    class LetsGo(Expert):  # the same expert, but it opens its jaws 6 steps into the lift (8 steps long)
+        def act(self, obs, instruction):
+            a = self.expert.act()
+            if self.expert.t > 6 + self.expert.phase_of.index("lift"):
+                a[5] = sim.GRIPPER_OPEN
+            return a
+
+    r = evaluation.run_episodes(LetsGo(), "seen", 0, 1, progress=False)
+    assert r["success"] == [False] and 0 < r["held_steps"][0] < 10
+    s = evaluation.fall_summary(r["falls"])  # every try (the expert retries after a drop) ends the same way
+    assert s["falls"] >= 1 and s["falls_opened"] == s["falls_opened_outside"] == s["falls"]
     s = evaluation.lift_summary(["target lifted, not placed", "success", "target lifted, not placed"],
                                 [4, 30, 10], [12.0, 0.5, 6.0])
     assert s["lifted_not_placed_median_held_steps"] == 7 and s["lifted_not_placed_median_carried_cm"] == 9.0

@@ -511,3 +511,90 @@ def test_wsd_schedule_holds_the_rate_until_its_decay_and_both_schedules_end_at_m
     with pytest.raises(SystemExit):  # an unknown schedule is refused at the command line, with the choices
         train_grounding.parse_config(["--schedule", "linear"])
     assert "cosine or wsd" in capsys.readouterr().err
+
+
+def test_several_samples_keep_the_medoid_so_one_odd_draw_is_outvoted(monkeypatch):
+    """predict_actions(n_samples=S) draws S chunks from one condition and returns the draw nearest the others
+    (a real draw, not an average): four chunks that agree and one that opens the jaws -> one of the four."""
+    torch.manual_seed(0)
+    vla = VLA(tiny_planner_config(), tiny_action_config()).eval()
+    images, tokens, pad_mask, *_ = tiny_batch(B=2)
+    draws = torch.zeros(2 * 5, 4, 6)
+    draws[:5] += torch.arange(5.0).view(5, 1, 1) * 0.01  # row 0: five close draws ...
+    draws[4, :, 5] = 1.0                                # ... but draw 4 opens the jaws
+    draws[5:] = torch.randn(5, 4, 6)
+    seen = {}
+
+    def fake_sample(cond, state=None, steps=10, generator=None, noise_scale=1.0):
+        seen["rows"] = cond.shape[0]
+        return draws
+
+    monkeypatch.setattr(vla.expert, "sample", fake_sample)
+    out = vla.predict_actions(images, tokens, pad_mask, None, 5, None, 1.0, n_samples=5)
+    assert seen["rows"] == 10 and out.shape == (2, 4, 6)
+    assert torch.equal(out[0], draws[2])  # the middle of the four that agree
+    d = torch.cdist(draws[5:].view(5, -1), draws[5:].view(5, -1)).sum(1)
+    assert torch.equal(out[1], draws[5 + int(d.argmin())])
+
+
+def test_plan_numbers_reach_the_action_expert_beside_the_state(monkeypatch):
+    """A checkpoint trained with --plan-numbers: the state the DiT reads is the normalised joint state and then
+    the numbers of the plan the planner wrote (data.plan_vector), as in training (DemoDataset)."""
+    import numpy as np
+
+    import data
+    from model import Policy
+
+    tok = data.get_tokenizer()
+    eot = tok.encode_single_token(data.EOT)
+    vla = VLA(tiny_planner_config(vocab_size=tok.n_vocab, max_text_len=64),
+              tiny_action_config(use_state=True, state_dim=6 + data.PLAN_DIM))
+    stats = {"action": {"low": [-1.0] * 6, "high": [1.0] * 6}, "state": {"low": [-2.0] * 6, "high": [2.0] * 6}}
+    config = {"tokenizer": data.ranks_to_json(data.load_ranks()), "image_size": 24, "spatial_prompt": True,
+              "written_plan": True, "plan_numbers": True, "use_state": True, "norm_stats": stats, "chunk_len": 4}
+    policy = Policy(vla, config, threads=0)
+
+    def fake_generate(images, tokens, n, eos):
+        return [tok.encode("[3,4,9,10]" if "key object" in tok.decode(tokens[0].tolist()) else "(12,18)") + [eot]]
+
+    monkeypatch.setattr(vla.planner, "generate", fake_generate)
+    seen = {}
+    real = vla.predict_actions
+
+    def spy(images, tokens, pad_mask, state_norm, *args):
+        seen["state"] = state_norm
+        return real(images, tokens, pad_mask, state_norm, *args)
+
+    monkeypatch.setattr(vla, "predict_actions", spy)
+    state = np.array([1.0, -1.0, 0.5, 0, 0, 2.0], np.float32)
+    chunk = policy.predict_chunk({"image": np.zeros((24, 24, 3), np.uint8), "state": state}, "put the red cube in the blue bowl")
+    assert chunk.shape == (4, 6)
+    want = np.r_[state / 2, np.array([3, 4, 9, 10, 12, 18]) / 24 * 2 - 1]
+    assert np.allclose(seen["state"][0].numpy(), want, atol=1e-6)
+
+
+def test_prev_state_policies_read_the_state_of_the_previous_step(monkeypatch):
+    """A --prev-state checkpoint: the DiT reads [state now, state one act() earlier]; on an episode's first
+    step (after reset) the current state stands in for the missing earlier one, as in training's frame 0."""
+    import numpy as np
+
+    import data
+    from model import Policy
+
+    tok = data.get_tokenizer()
+    vla = VLA(tiny_planner_config(vocab_size=tok.n_vocab, max_text_len=64), tiny_action_config(use_state=True, state_dim=12))
+    stats = {"action": {"low": [-1.0] * 6, "high": [1.0] * 6}, "state": {"low": [-2.0] * 6, "high": [2.0] * 6}}
+    config = {"tokenizer": data.ranks_to_json(data.load_ranks()), "image_size": 24, "spatial_prompt": False,
+              "prev_state": True, "use_state": True, "norm_stats": stats, "chunk_len": 4}
+    policy = Policy(vla, config, threads=0, replan_every=1)  # a new chunk at every step
+    seen = []
+    real = vla.predict_actions
+    monkeypatch.setattr(vla, "predict_actions", lambda im, tk, pm, st, *a: seen.append(st[0].numpy()) or real(im, tk, pm, st, *a))
+    image = np.zeros((24, 24, 3), np.uint8)
+    s0, s1 = np.full(6, 0.4, np.float32), np.full(6, -0.8, np.float32)
+    policy.act({"image": image, "state": s0}, "pick up the cube")
+    policy.act({"image": image, "state": s1}, "pick up the cube")
+    assert np.allclose(seen[0], np.r_[s0, s0] / 2) and np.allclose(seen[1], np.r_[s1, s0] / 2)
+    policy.reset()  # a new episode forgets the old state
+    policy.act({"image": image, "state": s1}, "pick up the cube")
+    assert np.allclose(seen[2], np.r_[s1, s1] / 2)
