@@ -871,7 +871,7 @@ class DemoDataset(torch.utils.data.Dataset):
         images = preprocess_image(np.stack([self.eps[e]["images"][t] for e, t, _, _ in batch]), self.image_size)
         tokens, mask = pad_batch([self.prompts[e] for e, _, _, _ in batch], self.pad)
         actions = torch.from_numpy(np.stack([b[2] for b in batch]))  # (B, chunk, 6)
-        state = torch.from_numpy(np.stack([b[3] for b in batch]))     # (B, 6) (+ 6 with prev_state, + PLAN_DIM with plan_numbers)
+        state = torch.from_numpy(np.stack([b[3] for b in batch]))     # (B, 6 [+ 6] [+ PLAN_DIM])
         return images, tokens, mask, actions, state, self.where_labels(batch)
 
     def where_labels(self, batch):

@@ -8,6 +8,7 @@
     python eval.py --ckpt out/m1/ckpt --open-loop out/data/demos_train_96   # chunk error against the expert
     python eval.py --ckpt CKPT --swap-instruction 60     # does the first chunk follow the named object?
     python eval.py --ckpt CKPT --swap-place DEMO_DIR     # does the carry follow the written plan's place point?
+    python eval.py --ckpt CKPT --replan-every 8 --samples 5   # control settings: actions per plan, chunks drawn
 
 Suites (fixed seeds, never used for training data):
     seen         training split (its tasks and phrasings), new tables

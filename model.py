@@ -791,8 +791,8 @@ class VLA(nn.Module):
         """One planner pass + n_ddim DiT passes -> normalised action chunk (B,Hc,A). Caller sets eval mode.
         n_samples > 1 draws that many chunks from the same condition (one batched DDIM run) and returns, per
         row, the medoid: the drawn chunk with the smallest summed distance to the others. It is a real sample,
-        so joints stay consistent with each other, but a rare mode drawn by one sample in K (say, opening the
-        jaws in mid-carry, README) is outvoted by the rest."""
+        so joints stay consistent with each other, but a rare mode drawn by one sample in K is outvoted by the
+        rest. (Tried against the jaws opening early in the carry, README item 15: there that was no rare draw.)"""
         cond = self.condition(images, tokens, pad_mask)  # (B, K_q, d)
         if n_samples <= 1:
             return self.expert.sample(cond, state_norm, n_ddim, generator, noise_scale)

@@ -13,6 +13,8 @@ expert, while grounding keeps being trained:
     python train_action.py --variant vanilla --out out/vanilla  # the paper's "vanilla VLA" ablation
     python train_action.py --paired-demos --written-plan      # m1 with counterfactual demonstration pairs
                                                               # and a written plan (README, item 11)
+    python train_action.py --paired-demos --written-plan --plan-numbers --prev-state  # ... and the plan's
+                                                              # numbers and the last state for the DiT (item 15)
     python train_action.py --no-cotrain --out out/no_cotrain  # any single component off (also
                                                               # --no-spatial-prompt, --no-from-stage1,
                                                               # --grad-decay 1.0, --no-use-state)
@@ -70,11 +72,12 @@ class Config:
                                  # the queries read it too (data.plan_tokens, model.Policy.condition_inputs): the
                                  # latent path alone never carried WHICH object is named (README, item 11)
     plan_numbers: bool = False   # with written_plan: the plan's numbers (box, place point; data.plan_vector) also
-                                 # reach the DiT directly, beside the joint state, instead of only through the
-                                 # planner's hidden states, where the carry hardly read the place point (README)
+                                 # reach the DiT directly, beside the joint state, not only through the planner's
+                                 # hidden states. The grasp got much better; the carry still ignores the place
+                                 # point (README, item 15)
     prev_state: bool = False     # the DiT also reads the joint state one control step earlier (the arm's motion;
-                                 # Diffusion Policy reads 2 observation steps): the end of the lift and the start
-                                 # of the lowering over the container look alike in one frame (README, item 15)
+                                 # Diffusion Policy reads 2 observation steps), against the end of the lift looking
+                                 # like the start of the lowering in one frame. No clear gain (README, item 15)
     early_fraction: float = 0.3  # share of each batch from the first data.EARLY_STEPS frames of an episode
     demo_noise: float = 0.08     # DART: std (rad) of held offsets on the expert's executed actions
                                  # (data.generate_demos); both variants learn from the same demonstrations
