@@ -4,6 +4,7 @@
     python data.py --grounding 200      # write 200 grounding scenes to out/data/grounding_train (resumable)
     python data.py --demos 20           # write 20 expert demonstrations to out/data/demos_train (resumable)
     python data.py --demos 400 --paired --miss 0.5 --workers 2   # pairs, half with a deliberate miss, 2 processes
+    python data.py --demos 300 --takeover out/m1/ckpt --workers 2  # DAgger-style: the expert takes over from a policy
 
 The pieces, in the order the pipeline uses them:
 
@@ -708,26 +709,128 @@ def _demo_worker(job: dict, indices: list, done=None) -> int:
                                     miss_once=True)
         expert.reset()
         trace = trace_label(info)
-        rec = {k: [] for k in ("images", "states", "actions", "target_box", "container_box", "target_point",
-                               "label_mask")}
+        rec = _new_record()
         for step in range(env.cfg.max_steps):
             action = expert.act(obs, info)
-            rec["images"].append(obs["image"])
-            rec["states"].append(obs["state"])
-            rec["actions"].append(action)
-            rec["target_box"].append(info["target_box"])
-            rec["container_box"].append(info["container_box"])
-            rec["target_point"].append(info["target_point"])
-            rec["label_mask"].append(not (missed and expert.retries == 0))  # the missed try: not a label
+            _record_frame(rec, obs, info, action, not (missed and expert.retries == 0))  # the missed try: not a label
             obs, _, terminated, truncated, info = env.step(action + offsets[step])  # executed != recorded
             if terminated or truncated:
                 break
-        ep = {k: np.asarray(v, np.uint8 if k == "images" else bool if k == "label_mask" else np.float32)
-              for k, v in rec.items()}
-        if not missed:  # folders without misses keep their old files
-            del ep["label_mask"]
-        ep.update(trace=trace.astype(np.float32), instruction=info["instruction"], success=bool(info["success"]),
-                  source="sim")
+        ep = _finish_record(rec, trace, info, keep_mask=missed)  # folders without misses keep their old files
+        write_demo_episode(job["out_dir"], ep, index=i)
+        if done:
+            done(1)
+    env.close()
+    return len(indices)
+
+
+def _new_record() -> dict:
+    return {k: [] for k in ("images", "states", "actions", "target_box", "container_box", "target_point", "label_mask")}
+
+
+def _record_frame(rec: dict, obs: dict, info: dict, action: np.ndarray, label: bool):
+    """Append one frame: what the camera and the joints showed, the action taken, the scene's labels."""
+    rec["images"].append(obs["image"])
+    rec["states"].append(obs["state"])
+    rec["actions"].append(action)
+    rec["target_box"].append(info["target_box"])
+    rec["container_box"].append(info["container_box"])
+    rec["target_point"].append(info["target_point"])
+    rec["label_mask"].append(label)
+
+
+def _finish_record(rec: dict, trace: np.ndarray, info: dict, keep_mask: bool) -> dict:
+    ep = {k: np.asarray(v, np.uint8 if k == "images" else bool if k == "label_mask" else np.float32)
+          for k, v in rec.items()}
+    if not keep_mask:
+        del ep["label_mask"]
+    ep.update(trace=trace.astype(np.float32), instruction=info["instruction"], success=bool(info["success"]),
+              source="sim")
+    return ep
+
+
+TAKEOVER_DELAY = (0, 6)  # steps after the policy lifts the target before the expert takes over (drawn per episode)
+TAKEOVER_FALLBACK = (10, 60)  # a policy that never lifts the target is taken over at a step drawn from this range
+TAKEOVER_STREAM = 1000  # takeover scenes use the seed stream seed + 1000: not the demonstrations' tables
+
+
+def generate_takeover_demos(ckpt: str, out_dir: str, n_episodes: int, split: str = "train", seed: int = 0,
+                            noise: float = 0.08, workers: int = 1, progress: bool = True) -> str:
+    """DAgger-style demonstrations from a trained policy's own states (Ross et al. 2011; HG-DAgger's "the
+    expert takes over"). Each episode: the policy (stage-2 checkpoint `ckpt`) runs closed-loop until the
+    scripted expert takes over, then the expert (sim.ScriptedExpert, which plans from wherever things are,
+    also from a target already in the jaws) finishes the task, with DART offsets on its executed actions.
+
+    When it takes over: TAKEOVER_DELAY steps after the policy lifted the target (sim.SO100Env.target_held),
+    or at once if the policy let go of it before then; a policy that never lifts the target is taken over at a
+    step drawn from TAKEOVER_FALLBACK. Why there: the policy's closed-loop failure is letting go at the end of
+    its own lift, away from the container (README, item 15), in states the expert's demonstrations never
+    visit. The frames the policy drove are kept but marked label_mask = False (its actions are not labels);
+    the frames from the takeover on are labelled by the expert, so the first labels come from the policy's own
+    states. Episodes the expert could not finish are marked failed (training reads only successful ones).
+
+    Scenes come from the seed stream seed + TAKEOVER_STREAM (generate_demos uses `seed`, eval.py's suites their
+    own seeds), so these tables are neither demonstration tables nor evaluation tables."""
+    os.makedirs(out_dir, exist_ok=True)
+    _check_meta(out_dir, dict(n_episodes=n_episodes, split=split, seed=seed, noise=noise, takeover=os.path.normpath(ckpt)))
+    todo = [i for i in range(n_episodes) if not os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz"))]
+    if todo:
+        from tqdm import tqdm
+
+        job = dict(ckpt=ckpt, out_dir=out_dir, split=split, seed=seed + TAKEOVER_STREAM, noise=noise)
+        bar = tqdm(total=len(todo), desc=f"takeover demos {split}", disable=not progress, unit="ep")
+        if workers <= 1:
+            _takeover_worker(job, todo, bar.update)
+        else:  # as in generate_demos: spawned processes, each with its own renderer and policy
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                parts = [todo[k:k + 8] for k in range(0, len(todo), 8)]
+                for f in as_completed([pool.submit(_takeover_worker, job, p) for p in parts]):
+                    bar.update(f.result())
+        bar.close()
+    return out_dir
+
+
+def _takeover_worker(job: dict, indices: list, done=None) -> int:
+    """Record and write the takeover episodes with these indices (one simulator and one policy per worker)."""
+    import sim
+    from model import Policy
+
+    torch.set_num_threads(1)
+    policy = Policy.load(job["ckpt"])
+    env = sim.SO100Env(image_size=policy.image_size, split=job["split"])
+    for i in indices:
+        obs, info = env.reset(seed=_scene_seed(job["seed"], job["split"], i) + 1)
+        policy.reset()
+        rng = np.random.default_rng(_scene_seed(job["seed"], job["split"], i) + 2)
+        offsets = demo_noise_offsets(rng, env.cfg.max_steps, job["noise"])
+        delay = int(rng.integers(TAKEOVER_DELAY[0], TAKEOVER_DELAY[1] + 1))
+        fallback = int(rng.integers(TAKEOVER_FALLBACK[0], TAKEOVER_FALLBACK[1] + 1))
+        trace = trace_label(info)
+        rec, expert, lifted_at = _new_record(), None, None
+        for step in range(env.cfg.max_steps):
+            if expert is None:
+                held = env.target_held()
+                lifted_at = step if held and lifted_at is None else lifted_at
+                let_go = lifted_at is not None and not held
+                if (lifted_at is not None and (step - lifted_at >= delay or let_go)) or \
+                        (lifted_at is None and step >= fallback):
+                    expert = sim.ScriptedExpert(env, seed=_scene_seed(job["seed"], job["split"], i) + 4)
+                    expert.reset()  # plans from here: from the carry if the target is in the jaws
+            if expert is None:
+                action = policy.act(obs, info["instruction"])
+                _record_frame(rec, obs, info, action, False)  # the policy's action: not a label
+                obs, _, terminated, truncated, info = env.step(action)
+            else:
+                action = expert.act(obs, info)
+                _record_frame(rec, obs, info, action, True)
+                obs, _, terminated, truncated, info = env.step(action + offsets[step])  # DART, as in generate_demos
+            if terminated or truncated:
+                break
+        # an episode the policy finished on its own has no expert label at all: kept, but as a failure
+        ep = _finish_record(rec, trace, info, keep_mask=True)
+        ep["success"] = bool(info["success"]) and expert is not None
         write_demo_episode(job["out_dir"], ep, index=i)
         if done:
             done(1)
@@ -1060,6 +1163,7 @@ class DataArgs:
     split: str = "train"        # train or test
     seed: int = 0
     image_size: int = 96
+    takeover: str = ""          # a stage-2 checkpoint: --demos N records N takeover episodes (generate_takeover_demos)
     out: str = ""               # default: out/data/grounding_<split> or out/data/demos_<split>
     build_tokenizer: bool = False  # (re)train tokenizer.bpe from the project's own text
 
@@ -1081,7 +1185,14 @@ def main(argv=None):
         generate_grounding(out, args.grounding, args.split, args.seed, args.image_size)
         images, qa = load_grounding(out)
         print(f"{out}: {len(images)} scenes, {len(qa)} questions")
-    if args.demos:
+    if args.demos and args.takeover:
+        out = args.out or f"out/data/takeover_{args.split}"
+        generate_takeover_demos(args.takeover, out, args.demos, args.split, args.seed, args.demo_noise,
+                                args.workers)
+        eps = read_demo_episodes(out, successful_only=False)
+        print(f"{out}: {len(eps)} episodes, {sum(e['success'] for e in eps)} successful, "
+              f"{sum(int(e['label_mask'].sum()) for e in eps if e['success'])} expert-labelled frames")
+    elif args.demos:
         out = args.out or f"out/data/demos_{args.split}"
         generate_demos(out, args.demos, args.split, args.seed, args.image_size, noise=args.demo_noise,
                        paired=args.paired, miss=args.miss, workers=args.workers)

@@ -597,6 +597,13 @@ class SO100Env:
         co = self.scene["containers"][self.scene["target_container"]]
         return self.target_to_container() <= CONTAINER_INNER[co["shape"]]
 
+    def target_held(self) -> bool:
+        """The target object is off the table (its centre > 1.5 cm above resting) and touches the jaws: it is
+        being carried. The scripted expert then plans from the carry instead of from the approach."""
+        ob = self.model.body(f"obj{self.scene['target_object']}").id
+        up = self.data.xpos[ob][2] > OBJECT_HEIGHT / 2 + 0.015
+        return bool(up and self._touches_gripper(ob))
+
     def _touches_gripper(self, body_id: int) -> bool:
         m, d = self.model, self.data
         jaws = {m.body("gripper").id, m.body("moving_jaw").id}
@@ -734,7 +741,9 @@ def solve_ik(model, data, q_init, pos, rot, iters: int = 60, damping: float = 0.
 
 
 def expert_plan(env: "SO100Env") -> list:
-    """Keyframes (name, site position (3,), yaw, jaw angle, steps to get there) for the current scene."""
+    """Keyframes (name, site position (3,), yaw, jaw angle, steps to get there) for the current scene.
+    If the target is already in the jaws (env.target_held(): another controller picked it up and handed over,
+    data.generate_takeover_demos) the plan starts at the lift, from where the jaws are, with the yaw they have."""
     m, d, sc = env.model, env.data, env.scene
     ob = sc["objects"][sc["target_object"]]
     co = sc["containers"][sc["target_container"]]
@@ -754,6 +763,18 @@ def expert_plan(env: "SO100Env") -> list:
     release = np.array([cx, cy, RELEASE_Z])
     n_app = int(np.clip(np.linalg.norm(above_obj - start) / 0.018, 8, 18))
     n_carry = int(np.clip(np.linalg.norm(above_con - lift) / 0.018, 8, 18))
+    if env.target_held():  # carrying already: lift straight up from here, keep the wrist as it is, then as usual
+        lift = np.array([start[0], start[1], CARRY_Z])
+        n_lift = int(np.clip(abs(CARRY_Z - start[2]) / 0.012, 2, 8))
+        n_carry = int(np.clip(np.linalg.norm(above_con - lift) / 0.018, 8, 18))
+        return [
+            ("start", start, start_yaw, GRIPPER_CLOSED, 0),
+            ("lift", lift, start_yaw, GRIPPER_CLOSED, n_lift),
+            ("carry", above_con, start_yaw, GRIPPER_CLOSED, n_carry),
+            ("lower", release, start_yaw, GRIPPER_CLOSED, 6),
+            ("open", release, start_yaw, GRIPPER_OPEN, 4),
+            ("retreat", np.array([cx, cy, CARRY_Z + 0.02]), start_yaw, GRIPPER_OPEN, 6),
+        ]
     # the yaw is kept while carrying: turning the wrist on the way would only add motion
     return [
         ("start", start, start_yaw, GRIPPER_OPEN, 0),

@@ -86,6 +86,10 @@ class Config:
                                  # asked for (data.generate_demos(paired=True)), so the words decide the action
     demo_miss: float = 0.0       # share of demonstrations that start with a deliberate miss and then recover
                                  # (data.generate_demos(miss=...)); the missed try itself is not a label
+    extra_demos: str = ""        # another folder of demonstrations added to the training episodes (not to the
+                                 # held-out ones), e.g. takeover episodes from data.py --takeover (DAgger-style)
+    init_from: str = ""          # start every weight from this stage-2 checkpoint (fine-tuning, e.g. after
+                                 # adding --extra-demos); it must have the same networks and state inputs
     demo_workers: int = 2        # processes recording demonstrations (the same episodes whatever the number;
                                  # on 2 cores, 2 record ~150 episodes a minute against ~90 with 1)
     image_size: int = 96
@@ -210,6 +214,10 @@ def main(argv=None):
         raise ValueError(f"the demonstrations in {demo_dir} carry no object boxes (recorded on a real arm?), so the "
                          "where readout has no labels: pass --where-weight 0")
     train_eps, val_eps = data.split_episodes(episodes)  # 5% of episodes held out for a validation loss
+    if cfg.extra_demos:  # normalised with the main folder's stats: the same numbers mean the same actions
+        extra = data.read_demo_episodes(cfg.extra_demos)
+        train_eps = train_eps + extra
+        log(f"extra demos: {len(extra)} successful episodes from {cfg.extra_demos}")
     if cfg.relative_actions:  # per-step ranges of (action - state), from the training episodes only
         stats = {**stats, "delta": data.compute_delta_stats(train_eps, cfg.chunk_len)}
     train_set = data.DemoDataset(train_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions,
@@ -243,6 +251,16 @@ def main(argv=None):
         pcfg = PlannerConfig(image_size=cfg.image_size, vocab_size=tok.n_vocab, number_values=data.number_values(tok), d_model=cfg.d_model,
                              vit_layers=cfg.vit_layers, lm_layers=cfg.lm_layers)
         model = VLA(pcfg, acfg)
+    if cfg.init_from:
+        loaded, ck = load_checkpoint(cfg.init_from)
+        try:
+            model.load_state_dict(loaded.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"--init-from {cfg.init_from}: its networks differ from this run's settings (same "
+                             f"--written-plan/--plan-numbers/--prev-state/sizes needed): {str(e)[:300]}") from None
+        stats = ck["norm_stats"]  # keep the numbers' meaning: the checkpoint's normalisation, not a recomputed one
+        train_set.stats = val_set.stats = stats
+        log(f"weights from {cfg.init_from} (its step {ck.get('step')})")
     if model.planner_config.image_size != cfg.image_size:
         raise ValueError(f"the stage-1 planner takes {model.planner_config.image_size} px images, not {cfg.image_size}")
     model.to(device)

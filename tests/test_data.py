@@ -453,3 +453,37 @@ def test_prev_state_is_the_step_before_and_frame_0_repeats_itself(tok):
     assert np.allclose(state[0, :12].numpy(), np.r_[norm[0], norm[0]])
     assert np.allclose(state[1, :12].numpy(), np.r_[norm[3], norm[2]])
     assert np.allclose(state[1, 12:].numpy(), np.array([16, 32, 48, 60, 8, 32]) / 64 * 2 - 1)
+
+
+def test_takeover_demos_label_only_the_experts_frames(tmp_path, monkeypatch):
+    """generate_takeover_demos: the policy drives first (its frames are kept, label_mask False), then the
+    expert takes over and finishes (label_mask True). A policy that holds still never lifts the target, so
+    the expert takes over at a step drawn from TAKEOVER_FALLBACK."""
+    import model
+
+    class Still:  # a "policy" that keeps every joint where it is
+        image_size = 32
+
+        def reset(self):
+            pass
+
+        def act(self, obs, instruction):
+            return np.asarray(obs["state"], np.float32)
+
+    monkeypatch.setattr(model.Policy, "load", classmethod(lambda cls, ckpt, **kw: Still()))
+    out = str(tmp_path / "takeover")
+    data.generate_takeover_demos("fake/ckpt", out, 2, progress=False)
+    eps = data.read_demo_episodes(out, successful_only=False)
+    assert len(eps) == 2
+    for ep in eps:
+        m = ep["label_mask"]
+        k = int(np.argmax(m))  # the takeover step
+        assert data.TAKEOVER_FALLBACK[0] <= k <= data.TAKEOVER_FALLBACK[1]
+        assert not m[:k].any() and m[k:].all()
+        assert np.allclose(ep["actions"][:k], ep["states"][:k])  # the policy's own (unlabelled) actions
+        # the expert finishes from wherever the policy left the arm, unless the episode's time runs out first
+        assert ep["success"] or len(m) == 120
+    assert any(ep["success"] for ep in eps)
+    # the folder refuses to be resumed with another checkpoint
+    with pytest.raises(ValueError):
+        data.generate_takeover_demos("another/ckpt", out, 2, progress=False)

@@ -154,3 +154,28 @@ def test_retarget_names_another_object_and_keeps_the_split_rule():
             assert (other["combo"] in sim.TEST_COMBOS) == (split == "test")
             assert other["objects"][other["target_object"]]["colour"] in other["instruction"]
         assert n_changed > (200 if split == "train" else 0)
+
+
+def test_expert_taking_over_a_carried_target_carries_it_on_instead_of_starting_again():
+    # another controller (here: a first expert) lifts the target; a fresh expert that takes over mid-lift must
+    # plan from the carry -- jaws closed all the way to the container -- and still finish the task
+    env = sim.SO100Env(image_size=48, render=False)
+    for seed in (0, 1, 2):
+        env.reset(seed=seed)
+        first = sim.ScriptedExpert(env)
+        first.reset()
+        assert not env.target_held()
+        while not (first.phase_of[first.t] == "lift" and env.target_held()):
+            env.step(first.act())
+        for _ in range(3):  # a few steps into the lift
+            env.step(first.act())
+        second = sim.ScriptedExpert(env)
+        second.reset()
+        assert [name for name, *_ in second.plan][:3] == ["start", "lift", "carry"]
+        assert all(jaw == sim.GRIPPER_CLOSED for name, _, _, jaw, _ in second.plan[:4])
+        info = {"success": False}
+        for _ in range(env.cfg.max_steps - env.steps):
+            _, _, term, trunc, info = env.step(second.act())
+            if term or trunc:
+                break
+        assert info["success"], seed
