@@ -44,6 +44,23 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     one = evaluation.run_suite(Policy.load(ck), "seen", 2, progress=False)
     two = evaluation.run_suite(None, "seen", 2, progress=False, workers=2, ckpt=ck)
     assert one["final_states"] == two["final_states"] and one["successes"] == two["successes"]
+    # --init-from starts every weight from a stage-2 checkpoint: with every learning rate 0 the fine-tuned
+    # weights are the checkpoint's; --extra-demos adds a folder's episodes to the training set
+    import torch
+    import train_action
+    from model import load_checkpoint
+    ft = os.path.join(out, "ft")
+    demo_dir = os.path.join(out, "data", "demos_train_48_noise0.08")
+    train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
+                       os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--extra-demos", demo_dir,
+                       "--max-steps", "2", "--eval-interval", "2", "--lr-planner", "0", "--lr-action", "0",
+                       "--lr-other", "0", "--out", ft, "--no-progress"])
+    a, b = load_checkpoint(ck)[0].state_dict(), load_checkpoint(os.path.join(ft, "ckpt"))[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="init-from"):  # a checkpoint with other inputs is refused, and says why
+        train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
+                           os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--prev-state", "--out", ft + "2",
+                           "--no-progress"])
 
 
 def test_open_loop_error_is_zero_for_the_expert_and_measures_an_offset_in_degrees():
