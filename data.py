@@ -19,7 +19,8 @@ The pieces, in the order the pipeline uses them:
    of uint8 images + JSON labels, deterministic from a seed and resumable.
 4. **Demonstrations** (stage 2): expert episodes (images, states, actions, instruction, per-frame grounding
    labels) written one file per episode; robot.py's `record` writes the same format. Options: DART noise,
-   counterfactual pairs, recovery episodes (a deliberate miss, then a retry), several recording processes.
+   counterfactual pairs, recovery episodes (a deliberate miss, then a retry), several recording processes,
+   and takeover episodes: a trained policy drives, the expert takes over and finishes (DAgger-style).
 5. **Normalisation** of actions and states to [-1, 1] by the 1st/99th percentiles (as the paper does).
 6. **Preprocessing** shared by training and control (`preprocess_image`, `encode_prompt`): one path, so what
    the policy sees on the robot is exactly what it saw in training.

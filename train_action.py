@@ -15,6 +15,9 @@ expert, while grounding keeps being trained:
                                                               # and a written plan (README, item 11)
     python train_action.py --paired-demos --written-plan --plan-numbers --prev-state  # ... and the plan's
                                                               # numbers and the last state for the DiT (item 15)
+    python train_action.py ... --init-from out/m1/ckpt --extra-demos out/takeover --max-steps 600
+                                                              # fine-tune on DAgger-style takeover episodes
+                                                              # (data.py --takeover; README, item 16)
     python train_action.py --no-cotrain --out out/no_cotrain  # any single component off (also
                                                               # --no-spatial-prompt, --no-from-stage1,
                                                               # --grad-decay 1.0, --no-use-state)
