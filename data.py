@@ -756,7 +756,8 @@ TAKEOVER_STREAM = 1000  # takeover scenes use the seed stream seed + 1000: not t
 
 
 def generate_takeover_demos(ckpt: str, out_dir: str, n_episodes: int, split: str = "train", seed: int = 0,
-                            noise: float = 0.08, workers: int = 1, progress: bool = True) -> str:
+                            noise: float = 0.08, workers: int = 1, progress: bool = True,
+                            after_lift_only: bool = False) -> str:
     """DAgger-style demonstrations from a trained policy's own states (Ross et al. 2011; HG-DAgger's "the
     expert takes over"). Each episode: the policy (stage-2 checkpoint `ckpt`) runs closed-loop until the
     scripted expert takes over, then the expert (sim.ScriptedExpert, which plans from wherever things are,
@@ -764,7 +765,8 @@ def generate_takeover_demos(ckpt: str, out_dir: str, n_episodes: int, split: str
 
     When it takes over: TAKEOVER_DELAY steps after the policy lifted the target (sim.SO100Env.target_held),
     or at once if the policy let go of it before then; a policy that never lifts the target is taken over at a
-    step drawn from TAKEOVER_FALLBACK. Why there: the policy's closed-loop failure is letting go at the end of
+    step drawn from TAKEOVER_FALLBACK (after_lift_only=True: never, and the episode is marked failed, so only
+    takeovers after the policy's own lift are kept). Why there: the policy's closed-loop failure is letting go at the end of
     its own lift, away from the container (README, item 15), in states the expert's demonstrations never
     visit. The frames the policy drove are kept but marked label_mask = False (its actions are not labels);
     the frames from the takeover on are labelled by the expert, so the first labels come from the policy's own
@@ -773,12 +775,16 @@ def generate_takeover_demos(ckpt: str, out_dir: str, n_episodes: int, split: str
     Scenes come from the seed stream seed + TAKEOVER_STREAM (generate_demos uses `seed`, eval.py's suites their
     own seeds), so these tables are neither demonstration tables nor evaluation tables."""
     os.makedirs(out_dir, exist_ok=True)
-    _check_meta(out_dir, dict(n_episodes=n_episodes, split=split, seed=seed, noise=noise, takeover=os.path.normpath(ckpt)))
+    meta = dict(n_episodes=n_episodes, split=split, seed=seed, noise=noise, takeover=os.path.normpath(ckpt))
+    if after_lift_only:
+        meta["after_lift_only"] = True
+    _check_meta(out_dir, meta)
     todo = [i for i in range(n_episodes) if not os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz"))]
     if todo:
         from tqdm import tqdm
 
-        job = dict(ckpt=ckpt, out_dir=out_dir, split=split, seed=seed + TAKEOVER_STREAM, noise=noise)
+        job = dict(ckpt=ckpt, out_dir=out_dir, split=split, seed=seed + TAKEOVER_STREAM, noise=noise,
+                   after_lift_only=after_lift_only)
         bar = tqdm(total=len(todo), desc=f"takeover demos {split}", disable=not progress, unit="ep")
         if workers <= 1:
             _takeover_worker(job, todo, bar.update)
@@ -808,6 +814,8 @@ def _takeover_worker(job: dict, indices: list, done=None) -> int:
         offsets = demo_noise_offsets(rng, env.cfg.max_steps, job["noise"])
         delay = int(rng.integers(TAKEOVER_DELAY[0], TAKEOVER_DELAY[1] + 1))
         fallback = int(rng.integers(TAKEOVER_FALLBACK[0], TAKEOVER_FALLBACK[1] + 1))
+        if job.get("after_lift_only"):  # wait for a lift as long as the episode lasts; none: not kept (below)
+            fallback = env.cfg.max_steps
         trace = trace_label(info)
         rec, expert, lifted_at = _new_record(), None, None
         for step in range(env.cfg.max_steps):
@@ -1165,6 +1173,7 @@ class DataArgs:
     seed: int = 0
     image_size: int = 96
     takeover: str = ""          # a stage-2 checkpoint: --demos N records N takeover episodes (generate_takeover_demos)
+    after_lift_only: bool = False  # with --takeover: keep only takeovers after the policy lifted the target
     out: str = ""               # default: out/data/grounding_<split> or out/data/demos_<split>
     build_tokenizer: bool = False  # (re)train tokenizer.bpe from the project's own text
 
@@ -1189,7 +1198,7 @@ def main(argv=None):
     if args.demos and args.takeover:
         out = args.out or f"out/data/takeover_{args.split}"
         generate_takeover_demos(args.takeover, out, args.demos, args.split, args.seed, args.demo_noise,
-                                args.workers)
+                                args.workers, after_lift_only=args.after_lift_only)
         eps = read_demo_episodes(out, successful_only=False)
         print(f"{out}: {len(eps)} episodes, {sum(e['success'] for e in eps)} successful, "
               f"{sum(int(e['label_mask'].sum()) for e in eps if e['success'])} expert-labelled frames")

@@ -487,3 +487,8 @@ def test_takeover_demos_label_only_the_experts_frames(tmp_path, monkeypatch):
     # the folder refuses to be resumed with another checkpoint
     with pytest.raises(ValueError):
         data.generate_takeover_demos("another/ckpt", out, 2, progress=False)
+    # after_lift_only: a policy that never lifts the target gets no takeover, and no episode is kept
+    only = str(tmp_path / "only")
+    data.generate_takeover_demos("fake/ckpt", only, 2, progress=False, after_lift_only=True)
+    eps = data.read_demo_episodes(only, successful_only=False)
+    assert len(eps) == 2 and not any(ep["success"] or ep["label_mask"].any() for ep in eps)
