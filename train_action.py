@@ -17,7 +17,9 @@ expert, while grounding keeps being trained:
                                                               # numbers and the last state for the DiT (item 15)
     python train_action.py ... --init-from out/m1/ckpt --extra-demos out/takeover --max-steps 600
                                                               # fine-tune on DAgger-style takeover episodes
-                                                              # (data.py --takeover; README, item 16)
+                                                              # (data.py --takeover; README, items 16-17)
+    python train_action.py ... --extra-demos out/round1,out/round2 --extra-repeat 3
+                                                              # several folders, each episode drawn 3x as often
     python train_action.py --no-cotrain --out out/no_cotrain  # any single component off (also
                                                               # --no-spatial-prompt, --no-from-stage1,
                                                               # --grad-decay 1.0, --no-use-state)
@@ -89,8 +91,10 @@ class Config:
                                  # asked for (data.generate_demos(paired=True)), so the words decide the action
     demo_miss: float = 0.0       # share of demonstrations that start with a deliberate miss and then recover
                                  # (data.generate_demos(miss=...)); the missed try itself is not a label
-    extra_demos: str = ""        # another folder of demonstrations added to the training episodes (not to the
-                                 # held-out ones), e.g. takeover episodes from data.py --takeover (DAgger-style)
+    extra_demos: str = ""        # more folders of demonstrations (comma-separated) added to the training episodes
+                                 # (not to the held-out ones), e.g. takeover episodes from data.py --takeover
+    extra_repeat: int = 1        # list each extra episode this many times: takeover episodes are short (the
+                                 # expert labels only the end), so at 1 they are a small share of the frames
     init_from: str = ""          # start every weight from this stage-2 checkpoint (fine-tuning, e.g. after
                                  # adding --extra-demos); it must have the same networks and state inputs
     demo_workers: int = 2        # processes recording demonstrations (the same episodes whatever the number;
@@ -217,10 +221,13 @@ def main(argv=None):
         raise ValueError(f"the demonstrations in {demo_dir} carry no object boxes (recorded on a real arm?), so the "
                          "where readout has no labels: pass --where-weight 0")
     train_eps, val_eps = data.split_episodes(episodes)  # 5% of episodes held out for a validation loss
-    if cfg.extra_demos:  # normalised with the main folder's stats: the same numbers mean the same actions
-        extra = data.read_demo_episodes(cfg.extra_demos)
-        train_eps = train_eps + extra
-        log(f"extra demos: {len(extra)} successful episodes from {cfg.extra_demos}")
+    if cfg.extra_repeat < 1:
+        raise ValueError(f"--extra-repeat {cfg.extra_repeat}: give 1 or more (to train without extra demos, leave "
+                         "out --extra-demos)")
+    for extra_dir in filter(None, cfg.extra_demos.split(",")):  # normalised with the main folder's stats
+        extra = data.read_demo_episodes(extra_dir)
+        train_eps = train_eps + extra * cfg.extra_repeat  # the same dicts again: more draws, no more memory
+        log(f"extra demos: {len(extra)} successful episodes from {extra_dir} (x{cfg.extra_repeat})")
     if cfg.relative_actions:  # per-step ranges of (action - state), from the training episodes only
         stats = {**stats, "delta": data.compute_delta_stats(train_eps, cfg.chunk_len)}
     train_set = data.DemoDataset(train_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions,

@@ -53,10 +53,14 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     demo_dir = os.path.join(out, "data", "demos_train_48_noise0.08")
     train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
                        os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--extra-demos", demo_dir,
+                       "--extra-repeat", "2",
                        "--max-steps", "2", "--eval-interval", "2", "--lr-planner", "0", "--lr-action", "0",
                        "--lr-other", "0", "--out", ft, "--no-progress"])
     a, b = load_checkpoint(ck)[0].state_dict(), load_checkpoint(os.path.join(ft, "ckpt"))[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="extra-repeat"):
+        train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--extra-demos", demo_dir,
+                           "--extra-repeat", "0", "--out", ft + "3", "--no-progress"])
     with pytest.raises(ValueError, match="init-from"):  # a checkpoint with other inputs is refused, and says why
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
                            os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--prev-state", "--out", ft + "2",
