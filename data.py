@@ -5,6 +5,7 @@
     python data.py --demos 20           # write 20 expert demonstrations to out/data/demos_train (resumable)
     python data.py --demos 400 --paired --miss 0.5 --workers 2   # pairs, half with a deliberate miss, 2 processes
     python data.py --demos 300 --takeover out/m1/ckpt --workers 2  # DAgger-style: the expert takes over from a policy
+    python data.py --demos 1000 --takeover out/m1/ckpt --after-lift-only  # ... only after the policy's own lift
 
 The pieces, in the order the pipeline uses them:
 
