@@ -509,6 +509,24 @@ def patch_labels(questions: list, image_size: int, patch_size: int) -> np.ndarra
     return labels.reshape(2, g * g)
 
 
+def lookup_target(q: dict, image_size: int, patch_size: int):
+    """Where a question's answer lies, as a distribution over the image patches (float32 (n_patches,), row-major
+    like the planner's image tokens), or None for a trace (its answer runs across the table).
+
+    A box question's answer lies in its box; a point or place question's in its region (the object, the
+    container). Each patch gets its share of that rectangle's area. For the --lookup-aux loss of
+    train_grounding.py: it tells one attention head of the language model which patches the words name."""
+    if q["kind"] == "trace":
+        return None
+    x1, y1, x2, y2 = q["label"] if q["kind"] == "box" else q["region"]
+    g = image_size // patch_size
+    edges = np.arange(g + 1) * patch_size
+    ox = np.clip(np.minimum(edges[1:], x2) - np.maximum(edges[:-1], x1), 0, None)  # (g,) overlap per column
+    oy = np.clip(np.minimum(edges[1:], y2) - np.maximum(edges[:-1], y1), 0, None)  # (g,) overlap per row
+    area = (oy[:, None] * ox[None, :]).reshape(-1)  # (g*g,) pixels of the rectangle in each patch
+    return (area / area.sum()).astype(np.float32) if area.sum() > 0 else None
+
+
 class GroundingDataset(torch.utils.data.Dataset):
     """Grounding Q/A for training. Item i is image i with ALL of its questions, packed into one row:
 
@@ -523,7 +541,7 @@ class GroundingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_dir: str, tok: tiktoken.Encoding, max_scenes: int | None = None,
-                 images=None, qa=None, packed: bool = False, patch_size: int = 0):
+                 images=None, qa=None, packed: bool = False, patch_size: int = 0, lookup_patch: int = 0):
         if images is None:
             images, qa = load_grounding(data_dir, max_scenes)
         self.images, self.qa, self.tok, self.packed = images, qa, tok, packed
@@ -536,6 +554,10 @@ class GroundingDataset(torch.utils.data.Dataset):
         # patch_size > 0: packed batches also carry what each patch shows (data.patch_labels), worked out once here
         self.patch_targets = {i: patch_labels(qs, self.image_size, patch_size) for i, qs in self.by_image.items()} \
             if patch_size else None
+        # lookup_patch > 0: packed batches also carry, for every answer token, the patches its answer lies in
+        self.lookup_targets = {i: [lookup_target(q, self.image_size, lookup_patch) for q in qs]
+                               for i, qs in self.by_image.items()} if lookup_patch else None
+        self.lookup_patches = (self.image_size // lookup_patch) ** 2 if lookup_patch else 0
 
     def __len__(self):
         return len(self.image_ids) if self.packed else len(self.qa)
@@ -546,8 +568,8 @@ class GroundingDataset(torch.utils.data.Dataset):
                                 for q in qs]
 
     def collate(self, batch):
-        """-> images, tokens, targets, segments, positions (packed; + patch labels when patch_size > 0) or
-        images, tokens, targets, prefix_len."""
+        """-> images, tokens, targets, segments, positions (packed; + patch labels when patch_size > 0; + lookup
+        targets (B, L, n_patches) when lookup_patch > 0, last) or images, tokens, targets, prefix_len."""
         if not self.packed:  # one question per row; the question is the planner's bidirectional prefix
             images = preprocess_image(self.images[[b[0] for b in batch]], self.image_size)
             q, a = [b[1][0][0] for b in batch], [b[1][0][1] for b in batch]
@@ -568,10 +590,20 @@ class GroundingDataset(torch.utils.data.Dataset):
         targets, _ = pad_batch([r[1] for r in rows], self.pad, fill=-100)
         segments, _ = pad_batch([r[2] for r in rows], self.pad, fill=-1)
         positions, _ = pad_batch([r[3] for r in rows], self.pad, fill=0)
+        out = [images, tokens, targets, segments, positions]
         if self.patch_targets is not None:  # for the auxiliary loss (train_grounding.py --patch-aux)
             labels = np.stack([self.patch_targets[b[0]] for b in batch])
-            return images, tokens, targets, segments, positions, torch.from_numpy(labels)  # labels (B, 2, P)
-        return images, tokens, targets, segments, positions
+            out.append(torch.from_numpy(labels))  # labels (B, 2, P)
+        if self.lookup_targets is not None:  # for the auxiliary loss (train_grounding.py --lookup-aux)
+            look = np.zeros((len(batch), tokens.shape[1], self.lookup_patches), np.float32)  # (B, L, P); 0 rows: no target
+            for r, (image_id, pairs) in enumerate(batch):
+                at = 0
+                for (q, a), where in zip(pairs, self.lookup_targets[image_id]):
+                    if where is not None:  # the answer's positions: from <|answer|> to the last answer token
+                        look[r, at + len(q) - 1: at + len(q) + len(a) - 1] = where
+                    at += len(q) + len(a) - 1
+            out.append(torch.from_numpy(look))
+        return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------------------

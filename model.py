@@ -436,6 +436,26 @@ class Planner(nn.Module):
                   for k, part in enumerate(logits.split(list(self.config.patch_classes), dim=-1))]
         return sum(losses) / len(losses)
 
+    def lookup_loss(self, x_in, layer: int, targets):
+        """Auxiliary loss: make one attention head look where the answer lies. x_in (B,P+L,d) is the input of
+        language block `layer` (caught by a forward pre-hook, see train_grounding.py), targets (B,L,P) a
+        distribution over the image patches for each text position (data.lookup_target; all-zero rows: none).
+        Head 0's attention logits from each text position to the P image tokens, softmaxed over the image
+        alone, are pulled towards the target (cross-entropy).
+        Why: the patch-aux experiment showed the image tokens know "red cube here" early; what takes thousands
+        of steps is the words learning to fetch that patch. This supervises the fetch itself."""
+        blk, P = self.lm_blocks[layer], self.config.n_image_tokens
+        d = x_in.shape[-1]
+        hs = d // self.config.n_heads
+        h = blk.ln1(x_in)
+        w, b = blk.attn.qkv.weight, blk.attn.qkv.bias  # rows: q (d), k (d), v (d); head 0 = the first hs of each
+        q = F.linear(h[:, P:], w[:hs], b[:hs])  # (B, L, hs) head 0's queries at the text positions
+        k = F.linear(h[:, :P], w[d:d + hs], b[d:d + hs])  # (B, P, hs) head 0's keys at the image tokens
+        logits = (q @ k.transpose(1, 2)).float() / math.sqrt(hs)  # (B, L, P)
+        keep = targets.sum(-1) > 0  # (B, L) answer positions of box / point / place questions
+        logp = F.log_softmax(logits[keep], dim=-1)  # (N, P)
+        return -(targets[keep] * logp).sum(-1).mean()
+
     def hidden_states(self, images, tokens, pad_mask=None):
         """For stage 2 and control: no decoding, just the last layer. Returns hidden (B,P+L,d) and a key padding
         mask (B,P+L) (True = pad, image positions never pads) or None when pad_mask is None."""

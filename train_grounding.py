@@ -67,6 +67,9 @@ class Config:
                                      # (data.scene_questions; its own data folder); 2 gave no clear gain (README)
     patch_aux: float = 0.0       # weight of an auxiliary loss naming each patch's colour and shape
                                  # (model.Planner.patch_loss; needs --packed); 0 = off: no gain (README)
+    lookup_aux: float = 0.0      # weight of an auxiliary loss that points one attention head of the language
+                                 # model at the patches each answer lies in (model.Planner.lookup_loss; --packed)
+    lookup_layer: int = 1        # which language block's head 0 it supervises (0 = the first)
     packed: bool = True          # pack all questions of a scene in one row (~3x cheaper per question); with
                                  # --no-packed the question joins the image in the bidirectional prefix
     max_steps: int = 2600         # 500 curriculum steps (~0.5 s) + 2100 on full tables (~0.34 s): 20 min with the data
@@ -230,16 +233,21 @@ def main(argv=None):
     data.generate_grounding(test_dir, cfg.test_scenes, "test", cfg.seed, cfg.image_size, progress=cfg.progress)
     if cfg.patch_aux and not cfg.packed:
         raise ValueError("--patch-aux needs packed rows (drop --no-packed)")
+    if cfg.lookup_aux and not cfg.packed:
+        raise ValueError("--lookup-aux needs packed rows (drop --no-packed)")
+    if cfg.lookup_aux and not 0 <= cfg.lookup_layer < cfg.lm_layers:
+        raise ValueError(f"--lookup-layer {cfg.lookup_layer}: the language model has blocks 0..{cfg.lm_layers - 1}")
     aux_patch = cfg.patch_size if cfg.patch_aux else 0  # > 0: batches carry patch labels (data.patch_labels)
+    aux_look = cfg.patch_size if cfg.lookup_aux else 0  # > 0: batches carry lookup targets (data.lookup_target)
     train_set = data.GroundingDataset(train_dir, tok, max_scenes=cfg.train_scenes, packed=cfg.packed,
-                                      patch_size=aux_patch)
+                                      patch_size=aux_patch, lookup_patch=aux_look)
     easy_set = None
     if cfg.curriculum_steps > 0:  # 1 object + 1 container per table, other seeds than the main set
         easy_dir = os.path.join(cfg.data_dir, f"grounding_easy_{cfg.image_size}")
         data.generate_grounding(easy_dir, cfg.curriculum_scenes, "train", cfg.seed + 1, cfg.image_size,
                                 progress=cfg.progress, n_objects=(1, 1), n_containers=(1, 1))
         easy_set = data.GroundingDataset(easy_dir, tok, max_scenes=cfg.curriculum_scenes, packed=cfg.packed,
-                                         patch_size=aux_patch)
+                                         patch_size=aux_patch, lookup_patch=aux_look)
     test_images, test_qa = data.load_grounding(test_dir, max_scenes=cfg.test_scenes)
     eval_qa = [q for q in test_qa if q["image"] < cfg.eval_scenes]
     print(f"train: {len(train_set.images)} scenes, {len(train_set.qa)} questions | test: {len(test_images)} scenes, "
@@ -286,6 +294,11 @@ def main(argv=None):
         model.train()
         return metrics, answers
 
+    block_input = {}  # --lookup-aux reads the input of one language block: a pre-hook keeps it during training
+    if cfg.lookup_aux:
+        model.lm_blocks[cfg.lookup_layer].register_forward_pre_hook(
+            lambda module, args: block_input.update(x=args[0]) if module.training else None)
+
     # -- training loop ------------------------------------------------------------------------------------
     rng = np.random.default_rng(init_seed + step)  # batch order
     full_batches = shuffled_batches(train_set, cfg.batch_size, rng)
@@ -310,7 +323,10 @@ def main(argv=None):
             total = loss  # the answer loss; logged and plotted alone
             if cfg.patch_aux:
                 patch_loss = model.patch_loss(hidden, batch[5])
-                total = loss + cfg.patch_aux * patch_loss
+                total = total + cfg.patch_aux * patch_loss
+            if cfg.lookup_aux:
+                lookup_loss = model.lookup_loss(block_input.pop("x"), cfg.lookup_layer, batch[-1])
+                total = total + cfg.lookup_aux * lookup_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -320,11 +336,13 @@ def main(argv=None):
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             dt = (time.time() - t_last) / cfg.log_interval
             t_last = time.time()
-            history.append({"step": step, "loss": loss.item(), "lr": lr})
+            history.append({"step": step, "loss": loss.item(), "lr": lr,
+                            **({"lookup_loss": lookup_loss.item()} if cfg.lookup_aux else {})})
             eta = dt * (cfg.max_steps - step) / 60
             tqdm.write(f"step {step:6d} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
                        f"{n_questions / dt:.0f} questions/s | eta {eta:.1f} min" + (" | curriculum: 1-object tables" if easy else "")
-                       + (f" | patch loss {patch_loss.item():.3f}" if cfg.patch_aux else ""))
+                       + (f" | patch loss {patch_loss.item():.3f}" if cfg.patch_aux else "")
+                       + (f" | lookup loss {lookup_loss.item():.3f}" if cfg.lookup_aux else ""))
         if step % cfg.eval_interval == 0 and step < cfg.max_steps:
             metrics, _ = evaluate(eval_qa)
             evals.append({"step": step, **metrics})

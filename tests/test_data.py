@@ -104,6 +104,38 @@ def test_collate_adds_patch_labels_only_when_asked(tok, tmp_path):
     assert (batch[5][:, 0] > 0).sum(1).min() >= 2  # every table has at least one object and one container
 
 
+def test_lookup_targets_share_each_rectangle_by_area_and_skip_traces():
+    # 48 px image, 12 px patches (4x4)
+    inside = data.lookup_target(dict(kind="box", label=[13.0, 13.0, 18.0, 18.0]), 48, 12).reshape(4, 4)
+    assert inside[1, 1] == 1.0 and inside.sum() == 1.0  # a box inside one patch: all there
+    split = data.lookup_target(dict(kind="point", label=[21.0, 3.0], region=[20.0, 2.0, 28.0, 6.0]), 48, 12)
+    split = split.reshape(4, 4)
+    assert split[0, 1] == pytest.approx(0.5) and split[0, 2] == pytest.approx(0.5)  # the region, not the point
+    place = data.lookup_target(dict(kind="place", label=[30.0, 30.0], region=[24.0, 24.0, 48.0, 48.0]), 48, 12)
+    assert place.reshape(4, 4)[2:, 2:].min() == pytest.approx(0.25) and place.sum() == pytest.approx(1.0)
+    assert data.lookup_target(dict(kind="trace", label=[[1.0, 1.0], [40.0, 40.0]]), 48, 12) is None
+
+
+def test_collate_adds_lookup_targets_at_the_answer_positions(tok):
+    images = np.zeros((1, 48, 48, 3), np.uint8)
+    qa = [dict(kind="box", question="where is the red cube?", answer="[13,13,18,18]", image=0,
+               label=[13.0, 13.0, 18.0, 18.0]),
+          dict(kind="trace", question="draw the gripper path.", answer="[(1,1),(40,40)]", image=0,
+               label=[[1.0, 1.0], [40.0, 40.0]]),
+          dict(kind="point", question="point to the blue bowl.", answer="(40,40)", image=0, label=[40.0, 40.0],
+               region=[36.0, 36.0, 48.0, 48.0])]
+    plain = data.GroundingDataset(None, tok, images=images, qa=qa, packed=True)
+    ds = data.GroundingDataset(None, tok, images=images, qa=qa, packed=True, lookup_patch=12)
+    batch = ds.collate([ds[0]])
+    assert len(batch) == 6 and all(torch.equal(a, b) for a, b in zip(plain.collate([plain[0]]), batch[:5]))
+    targets, segments, look = batch[2], batch[3], batch[5]  # look (B, L, 16)
+    has = look.sum(-1) > 0  # (B, L)
+    answer = targets != -100
+    assert torch.equal(has, answer & (segments != 1))  # every answer position except the trace's
+    assert (look[0, has[0] & (segments[0] == 0)][:, 5] == 1).all()  # the box: patch (1, 1)
+    assert (look[0, has[0] & (segments[0] == 2)][:, 15] == 1).all()  # the point: the bowl's patch (3, 3)
+
+
 def test_counterfactual_prompts_name_other_objects_and_keep_the_usual_questions():
     env = sim.SO100Env(image_size=96)
     for seed in range(4):

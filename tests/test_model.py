@@ -2,6 +2,7 @@
 gradients of every module, that a few steps learn, and that checkpoints round-trip. Tiny configs: < 30 s on
 a 2-core CPU.  Run: python -m pytest tests/test_model.py -q"""
 
+import math
 import os
 import sys
 
@@ -184,6 +185,38 @@ def test_patch_head_is_optional_and_its_loss_reaches_the_image_path():
     assert planner.patch_head.weight.grad.abs().sum() > 0
     assert planner.patch_embed[0].weight.grad.abs().sum() > 0  # it trains the image encoder too
     assert planner.tok_emb.weight.grad is None or planner.tok_emb.weight.grad.abs().sum() == 0  # not the words
+
+
+def test_lookup_loss_is_head_zeros_attention_over_the_image_and_it_can_be_learned():
+    pcfg = tiny_planner_config()
+    planner = Planner(pcfg)
+    images, tokens, _, targets, _, _ = tiny_batch(pcfg=pcfg)
+    P, L = pcfg.n_image_tokens, tokens.shape[1]
+    caught = {}
+    planner.lm_blocks[1].register_forward_pre_hook(lambda m, args: caught.update(x=args[0]))
+    look = torch.zeros(3, L, P)
+    look[0, 6:, 4] = 1.0  # row 0's answer lies in patch 4; rows 1, 2 have no target
+    planner(images, tokens, targets)
+    x = caught["x"]
+    # the same number by hand: head 0 of block 1, queries at the text positions, keys at the image tokens
+    blk, d = planner.lm_blocks[1], pcfg.d_model
+    hs = d // pcfg.n_heads
+    q, k, _ = blk.attn.qkv(blk.ln1(x)).split(d, dim=2)
+    att = torch.softmax(q[0, P + 6:, :hs] @ k[0, :P, :hs].T / hs ** 0.5, dim=-1)  # (4, P)
+    loss = planner.lookup_loss(x, 1, look)
+    assert loss.item() == pytest.approx(-att[:, 4].log().mean().item(), rel=1e-4)
+    loss.backward()
+    assert planner.tok_emb.weight.grad.abs().sum() > 0  # it trains the words ...
+    assert planner.patch_embed[0].weight.grad.abs().sum() > 0  # ... and the image path
+    assert blk.attn.qkv.weight.grad[2 * d:].abs().sum() == 0  # not the values: only where head 0 looks
+    opt = torch.optim.Adam(planner.parameters(), lr=3e-3)
+    for _ in range(30):
+        planner(images, tokens, targets)
+        loss = planner.lookup_loss(caught["x"], 1, look)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * math.log(P)
 
 
 def test_coordinate_loss_prefers_near_misses_and_reduces_to_cross_entropy():
