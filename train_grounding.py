@@ -137,6 +137,10 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.schedule not in ("cosine", "wsd"):
         p.error(f"--schedule must be cosine or wsd, not {cfg.schedule!r}")
+    if cfg.lookup_aux and not cfg.packed:
+        p.error("--lookup-aux needs packed rows (drop --no-packed)")
+    if cfg.lookup_aux and not 0 <= cfg.lookup_layer < cfg.lm_layers:
+        p.error(f"--lookup-layer {cfg.lookup_layer}: the language model has blocks 0..{cfg.lm_layers - 1}")
     return cfg
 
 
@@ -233,10 +237,6 @@ def main(argv=None):
     data.generate_grounding(test_dir, cfg.test_scenes, "test", cfg.seed, cfg.image_size, progress=cfg.progress)
     if cfg.patch_aux and not cfg.packed:
         raise ValueError("--patch-aux needs packed rows (drop --no-packed)")
-    if cfg.lookup_aux and not cfg.packed:
-        raise ValueError("--lookup-aux needs packed rows (drop --no-packed)")
-    if cfg.lookup_aux and not 0 <= cfg.lookup_layer < cfg.lm_layers:
-        raise ValueError(f"--lookup-layer {cfg.lookup_layer}: the language model has blocks 0..{cfg.lm_layers - 1}")
     aux_patch = cfg.patch_size if cfg.patch_aux else 0  # > 0: batches carry patch labels (data.patch_labels)
     aux_look = cfg.patch_size if cfg.lookup_aux else 0  # > 0: batches carry lookup targets (data.lookup_target)
     train_set = data.GroundingDataset(train_dir, tok, max_scenes=cfg.train_scenes, packed=cfg.packed,

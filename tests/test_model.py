@@ -219,6 +219,16 @@ def test_lookup_loss_is_head_zeros_attention_over_the_image_and_it_can_be_learne
     assert loss.item() < 0.5 * math.log(P)
 
 
+def test_lookup_flags_are_checked_before_any_data_is_made(capsys):
+    with pytest.raises(SystemExit):
+        train_grounding.parse_config(["--lookup-aux", "1", "--lookup-layer", "4"])
+    assert "blocks 0..3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_grounding.parse_config(["--lookup-aux", "1", "--no-packed"])
+    assert "packed rows" in capsys.readouterr().err
+    assert train_grounding.parse_config(["--lookup-aux", "1", "--lookup-layer", "3"]).lookup_layer == 3
+
+
 def test_coordinate_loss_prefers_near_misses_and_reduces_to_cross_entropy():
     # tokens 0..29 spell the numbers 0..29, tokens 30..39 are words
     pcfg = tiny_planner_config(number_values=tuple(range(30)) + (-1,) * 10, coord_sigma=1.0)
