@@ -478,6 +478,16 @@ def patch_classes() -> tuple:
     return (len(sim.PALETTE) + 1, len(sim.SHAPES) + len(sim.CONTAINERS) + 1)
 
 
+def patch_overlap(box, image_size: int, patch_size: int) -> np.ndarray:
+    """(g, g) pixels of the rectangle box = (x1, y1, x2, y2) that fall in each image patch (g = image_size //
+    patch_size), rows and columns like the planner's image tokens."""
+    x1, y1, x2, y2 = box
+    edges = np.arange(image_size // patch_size + 1) * patch_size
+    ox = np.clip(np.minimum(edges[1:], x2) - np.maximum(edges[:-1], x1), 0, None)  # (g,) overlap per column
+    oy = np.clip(np.minimum(edges[1:], y2) - np.maximum(edges[:-1], y1), 0, None)  # (g,) overlap per row
+    return oy[:, None] * ox[None, :]
+
+
 def patch_labels(questions: list, image_size: int, patch_size: int) -> np.ndarray:
     """What each image patch shows, read off one scene's plain box questions (each names one item and gives its
     box): int64 (2, n_patches) = (colour class, shape class), row-major like the planner's image tokens.
@@ -498,11 +508,8 @@ def patch_labels(questions: list, image_size: int, patch_size: int) -> np.ndarra
             colour, word = names[0].split()
             items.append((colour, noun[word], q["label"]))
     items.sort(key=lambda it: it[1] in sim.SHAPES)  # containers first, objects on top
-    edges = np.arange(g + 1) * patch_size
     for colour, shape, (x1, y1, x2, y2) in items:
-        ox = np.clip(np.minimum(edges[1:], x2) - np.maximum(edges[:-1], x1), 0, None)  # (g,) overlap per column
-        oy = np.clip(np.minimum(edges[1:], y2) - np.maximum(edges[:-1], y1), 0, None)  # (g,) overlap per row
-        area = oy[:, None] * ox[None, :]  # (g, g) pixels of the box in each patch
+        area = patch_overlap((x1, y1, x2, y2), image_size, patch_size)  # (g, g)
         hit = (area >= 0.25 * (x2 - x1) * (y2 - y1)) | (area >= 0.5 * patch_size ** 2)  # small item | large one
         labels[0][hit] = colours.index(colour) + 1
         labels[1][hit] = shapes.index(shape) + 1
@@ -518,12 +525,8 @@ def lookup_target(q: dict, image_size: int, patch_size: int):
     train_grounding.py: it tells one attention head of the language model which patches the words name."""
     if q["kind"] == "trace":
         return None
-    x1, y1, x2, y2 = q["label"] if q["kind"] == "box" else q["region"]
-    g = image_size // patch_size
-    edges = np.arange(g + 1) * patch_size
-    ox = np.clip(np.minimum(edges[1:], x2) - np.maximum(edges[:-1], x1), 0, None)  # (g,) overlap per column
-    oy = np.clip(np.minimum(edges[1:], y2) - np.maximum(edges[:-1], y1), 0, None)  # (g,) overlap per row
-    area = (oy[:, None] * ox[None, :]).reshape(-1)  # (g*g,) pixels of the rectangle in each patch
+    rect = q["label"] if q["kind"] == "box" else q["region"]
+    area = patch_overlap(rect, image_size, patch_size).reshape(-1)  # (g*g,)
     return (area / area.sum()).astype(np.float32) if area.sum() > 0 else None
 
 
