@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import glob
+import io
 import json
 import math
 import os
@@ -318,6 +319,54 @@ def _scene_seed(seed: int, split: str, index: int) -> int:
     return (seed * 1_000_003 + index * 7 + (0 if split == "train" else 3)) % (2 ** 63)
 
 
+# Which renderer drew a folder's pictures (sim.reference_frame): kept beside them as a PNG, checked before more
+# pictures are added, and copied into stage-2 checkpoints so eval.py can warn when it draws differently.
+RENDER_REFERENCE = "render_reference.png"
+RENDER_TOLERANCE = 0.1  # mean grey levels; the same renderer gives exactly 0.0
+
+
+def frame_to_text(image: np.ndarray) -> str:
+    """uint8 (S, S, 3) -> base64 PNG text (~10 KB at 96 px), for JSON configs."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def frame_from_text(text: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
+
+
+def read_render_reference(folder: str) -> np.ndarray | None:
+    """The reference frame a data folder was drawn with, or None (a folder made before this check existed)."""
+    from PIL import Image
+
+    path = os.path.join(folder, RENDER_REFERENCE)
+    return np.asarray(Image.open(path).convert("RGB")) if os.path.exists(path) else None
+
+
+def check_render_reference(folder: str, image_size: int):
+    """Call before drawing (more) pictures into `folder`: the first call keeps this machine's reference frame
+    there; later calls refuse to mix in pictures from a renderer that draws the same table differently."""
+    import sim
+    from PIL import Image
+
+    old = read_render_reference(folder)
+    if old is None:
+        Image.fromarray(sim.reference_frame(image_size)).save(os.path.join(folder, RENDER_REFERENCE))
+        return
+    diff = sim.picture_difference(old)
+    if diff > RENDER_TOLERANCE:
+        raise ValueError(
+            f"{folder} was begun by a renderer that draws differently from this machine's (mean difference "
+            f"{diff:.2f} grey levels on the reference table, {RENDER_REFERENCE}): a policy learns the pictures of "
+            "one renderer, so the two must not be mixed. Finish the folder where it was begun, or use another "
+            "--out / data folder here (README: 'Training on another machine').")
+
+
 def _atomic_savez(path: str, **arrays):
     tmp = path + ".tmp.npz"
     np.savez_compressed(tmp, **arrays)
@@ -342,6 +391,8 @@ def generate_grounding(out_dir: str, n_scenes: int, split: str = "train", seed: 
     _check_meta(out_dir, meta)
     env = sim.SO100Env(image_size=image_size, split=split, n_objects=tuple(n_objects), n_containers=tuple(n_containers))
     n_shards = math.ceil(n_scenes / shard_size)
+    if any(not os.path.exists(os.path.join(out_dir, f"shard_{k:05d}.npz")) for k in range(n_shards)):
+        check_render_reference(out_dir, image_size)
     bar = tqdm(total=n_scenes, desc=f"grounding {split}", disable=not progress, unit="scene")
     for k in range(n_shards):
         path = os.path.join(out_dir, f"shard_{k:05d}.npz")
@@ -703,6 +754,8 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
     todo = [i for i in range(n_episodes) if not os.path.exists(os.path.join(out_dir, f"episode_{i:06d}.npz"))]
     if todo:  # a complete folder needs no simulator or renderer (training on a copied folder)
         from tqdm import tqdm
+
+        check_render_reference(out_dir, image_size)
 
         job = dict(out_dir=out_dir, split=split, seed=seed, image_size=image_size, noise=noise, paired=paired,
                    miss=miss)

@@ -662,6 +662,31 @@ class SO100Env:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Which renderer drew the pictures? The same scene drawn by two OpenGL backends (Mesa's software llvmpipe on a
+# laptop, NVIDIA's driver on a GPU box) differs in a few pixels, and a policy trained on one backend's pictures
+# does far worse on the other's (README, closed-loop item 19: 6% against 14% for the same recipe). Data folders
+# and stage-2 checkpoints keep the first frame of one fixed table; eval.py draws it again and compares.
+
+
+def reference_frame(image_size: int = 96) -> np.ndarray:
+    """uint8 (S, S, 3): the first frame of a fixed table (train split, seed 0, the default look)."""
+    env = SO100Env(image_size=image_size)
+    try:
+        obs, _ = env.reset(seed=0)
+    finally:
+        env.close()
+    return obs["image"]
+
+
+def picture_difference(reference: np.ndarray) -> float:
+    """Mean absolute difference in grey levels (0-255) between `reference` (a reference_frame drawn elsewhere)
+    and this machine's drawing of it: 0.0 when the same renderer drew both."""
+    reference = np.asarray(reference)
+    here = reference_frame(reference.shape[0])
+    return float(np.abs(here.astype(np.int16) - reference.astype(np.int16)).mean())
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The scripted expert: inverse kinematics (MuJoCo's Jacobian, damped least squares) along a Cartesian plan
 
 APPROACH_Z = 0.080   # height of the grasp site above the table before descending (m)

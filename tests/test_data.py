@@ -377,6 +377,21 @@ def test_complete_demo_folder_needs_no_simulator(tmp_path, monkeypatch):
         data.generate_demos(out, 2, "train", seed=0, image_size=32, progress=False)
 
 
+def test_a_folder_keeps_its_renderers_reference_and_refuses_another_renderers_pictures(tmp_path):
+    out = str(tmp_path / "demos")
+    data.generate_demos(out, 1, "train", seed=0, image_size=32, progress=False)
+    ref = data.read_render_reference(out)
+    assert np.array_equal(ref, sim.reference_frame(32))
+    assert np.array_equal(data.frame_from_text(data.frame_to_text(ref)), ref)  # how checkpoints carry it
+    from PIL import Image
+    Image.fromarray(np.clip(ref.astype(np.int16) + 3, 0, 255).astype(np.uint8)).save(
+        os.path.join(out, data.RENDER_REFERENCE))  # as if another renderer had begun the folder
+    assert data.generate_demos(out, 1, "train", seed=0, image_size=32, progress=False) == out  # complete: no check
+    with pytest.raises(ValueError, match="another --out"):
+        data.generate_demos(out, 2, "train", seed=0, image_size=32, progress=False)
+    assert not os.path.exists(os.path.join(out, "episode_000001.npz"))  # nothing was mixed in
+
+
 def test_paired_demos_share_the_first_image_but_not_the_object(tmp_path):
     """Counterfactual pairs: the same first frame with two different instructions and two different targets,
     so only the words can tell them apart."""

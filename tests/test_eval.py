@@ -36,6 +36,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
             assert key in row
         assert row["episodes"] == 2 and 0 <= row["ci95"][0] <= row["success_rate"] <= row["ci95"][1] <= 1
     assert {"machine", "grounding", "timings_seconds"} <= set(res)
+    assert res["render_difference"]["m1"] == 0.0  # the demonstrations' reference frame reached the checkpoint
     assert os.path.exists(os.path.join(out, "stage1", "ckpt", "model.safetensors"))
     assert os.path.exists(os.path.join(out, "eval", "success.png"))
     # workers split a suite's episodes between processes: every episode must come out exactly the same
@@ -65,6 +66,20 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
                            os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--prev-state", "--out", ft + "2",
                            "--no-progress"])
+
+
+def test_render_check_warns_only_when_this_machine_draws_differently(capsys):
+    import numpy as np
+
+    import data
+    import sim
+    ref = sim.reference_frame(32)
+    assert evaluation.render_check({}, "old") is None  # checkpoints from before the check
+    assert evaluation.render_check({"render_reference": data.frame_to_text(ref)}, "same") == 0.0
+    assert "WARNING" not in capsys.readouterr().out
+    other = np.clip(ref.astype(np.int16) + 3, 0, 255).astype(np.uint8)  # as another renderer might draw it
+    assert evaluation.render_check({"render_reference": data.frame_to_text(other)}, "gpu") > data.RENDER_TOLERANCE
+    assert "gpu learned from pictures drawn by another renderer" in capsys.readouterr().out
 
 
 def test_open_loop_error_is_zero_for_the_expert_and_measures_an_offset_in_degrees():

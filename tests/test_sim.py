@@ -179,3 +179,13 @@ def test_expert_taking_over_a_carried_target_carries_it_on_instead_of_starting_a
             if term or trunc:
                 break
         assert info["success"], seed
+
+
+def test_the_reference_frame_is_drawn_the_same_again_and_a_changed_picture_is_measured():
+    ref = sim.reference_frame(32)
+    assert ref.shape == (32, 32, 3) and ref.dtype == np.uint8 and ref.std() > 5  # a table, not a blank frame
+    assert sim.picture_difference(ref) == 0.0  # the same renderer draws exactly the same pixels
+    changed = ref.astype(np.int16)
+    changed[:8] = np.clip(changed[:8] + 40, 0, 255)  # a quarter of the rows brighter
+    expected = np.abs(changed - ref).mean()
+    assert expected > 1 and sim.picture_difference(changed.astype(np.uint8)) == pytest.approx(expected)
