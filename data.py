@@ -367,6 +367,25 @@ def check_render_reference(folder: str, image_size: int):
             "--out / data folder here (README: 'Training on another machine').")
 
 
+def render_check(config: dict, name: str) -> float | None:
+    """How differently this machine draws the table the checkpoint's demonstrations were drawn with (mean grey
+    levels; sim.reference_frame); warns when it is not the same renderer. None for checkpoints made before
+    the check existed."""
+    text = config.get("render_reference")
+    if not text:
+        return None
+    import sim
+
+    diff = sim.picture_difference(frame_from_text(text))
+    if diff > RENDER_TOLERANCE:
+        print(f"WARNING: {name} learned from pictures drawn by another renderer: this machine draws the reference "
+              f"table {diff:.2f} grey levels (mean) differently. Policies do much worse on another renderer's "
+              "pictures (README, closed-loop item 19). Record the demonstrations with this machine's renderer, or "
+              "render with Mesa's llvmpipe on the training machine too (README: 'Training on another machine').",
+              flush=True)
+    return diff
+
+
 def _atomic_savez(path: str, **arrays):
     tmp = path + ".tmp.npz"
     np.savez_compressed(tmp, **arrays)

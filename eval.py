@@ -56,23 +56,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def render_check(config: dict, name: str) -> float | None:
-    """How differently this machine draws the table the checkpoint's demonstrations were drawn with (mean grey
-    levels; sim.reference_frame); warns when it is not the same renderer. None for checkpoints made before
-    the check existed."""
-    text = config.get("render_reference")
-    if not text:
-        return None
-    diff = sim.picture_difference(data.frame_from_text(text))
-    if diff > data.RENDER_TOLERANCE:
-        print(f"WARNING: {name} learned from pictures drawn by another renderer: this machine draws the reference "
-              f"table {diff:.2f} grey levels (mean) differently. Policies do much worse on another renderer's "
-              "pictures (README, closed-loop item 19). Record the demonstrations with this machine's renderer, or "
-              "render with Mesa's llvmpipe on the training machine too (README: 'Training on another machine').",
-              flush=True)
-    return diff
-
-
 def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -569,7 +552,7 @@ def evaluate(ckpts: list, names: list, suites: list, episodes: int, seed: int, o
                "grounding": {}, "checkpoints": dict(zip(names, ckpts)), "render_difference": {}}
     for ck, name in zip(ckpts, names):
         policy = Policy.load(ck, replan_every=replan_every, noise_scale=noise_scale, samples=samples)
-        results["render_difference"][name] = render_check(policy.config, name)
+        results["render_difference"][name] = data.render_check(policy.config, name)
         for s in suites:
             t0 = time.time()
             r = run_suite(policy, s, episodes, seed, os.path.join(out, f"{s}_{name}.gif") if gifs else None,

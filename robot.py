@@ -1342,7 +1342,7 @@ def cmd_run(args):
     policy.reset()
     sim_arm = is_sim(args.port)
     if sim_arm:  # warns when this machine draws the scene differently from the demonstrations' renderer
-        import_project_module("eval", "run").render_check(policy.config, args.ckpt)
+        import_project_module("data", "run").render_check(policy.config, args.ckpt)
     calibration = load_calibration(args.port, args.arm, args.calibration)
     args.image_size = policy.image_size
     with make_arm(args.port, calibration, args, args.arm, mujoco=sim_arm, seed=args.seed) as arm:

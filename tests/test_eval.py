@@ -74,11 +74,11 @@ def test_render_check_warns_only_when_this_machine_draws_differently(capsys):
     import data
     import sim
     ref = sim.reference_frame(32)
-    assert evaluation.render_check({}, "old") is None  # checkpoints from before the check
-    assert evaluation.render_check({"render_reference": data.frame_to_text(ref)}, "same") == 0.0
+    assert data.render_check({}, "old") is None  # checkpoints from before the check
+    assert data.render_check({"render_reference": data.frame_to_text(ref)}, "same") == 0.0
     assert "WARNING" not in capsys.readouterr().out
     other = np.clip(ref.astype(np.int16) + 3, 0, 255).astype(np.uint8)  # as another renderer might draw it
-    assert evaluation.render_check({"render_reference": data.frame_to_text(other)}, "gpu") > data.RENDER_TOLERANCE
+    assert data.render_check({"render_reference": data.frame_to_text(other)}, "gpu") > data.RENDER_TOLERANCE
     assert "gpu learned from pictures drawn by another renderer" in capsys.readouterr().out
 
 

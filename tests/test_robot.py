@@ -481,6 +481,7 @@ def test_cli_record_replay_run_on_mujoco(tmp_path, monkeypatch, capsys):
 
     class FakePolicy:
         image_size = 64
+        config = {"render_reference": "a picture"}
 
         @classmethod
         def load(cls, path):
@@ -496,6 +497,9 @@ def test_cli_record_replay_run_on_mujoco(tmp_path, monkeypatch, capsys):
     fake_model = types.ModuleType("model")
     fake_model.Policy = FakePolicy
     monkeypatch.setitem(sys.modules, "model", fake_model)
+    checks = []  # in simulation, run compares the checkpoint's renderer with this machine's (data.render_check)
+    fake_data.render_check = lambda config, name: checks.append((config["render_reference"], name))
     assert robot.main(["run", "--port", "sim", "--ckpt", "ckpt", "--seconds", "0.5", "--fps", "10"]) == 0
+    assert checks == [("a picture", "ckpt")]
     assert seen[0][:2] == ((64, 64, 3), (6,)) and len(seen) == 5
     assert "task failed" in capsys.readouterr().out
