@@ -216,6 +216,7 @@ def main(argv=None):
         dist.barrier()
     episodes = data.read_demo_episodes(demo_dir)[: cfg.demos]
     render_reference = data.read_render_reference(demo_dir)  # which renderer drew them (eval.py compares)
+    render_reference = None if render_reference is None else data.frame_to_text(render_reference)  # once, not per save
     with open(os.path.join(demo_dir, "norm_stats.json")) as f:
         stats = json.load(f)
     if cfg.where_weight > 0 and any("target_box" not in ep for ep in episodes):
@@ -306,7 +307,7 @@ def main(argv=None):
             "plan_numbers": cfg.plan_numbers, "prev_state": cfg.prev_state, "chunk_len": cfg.chunk_len,
             "use_state": cfg.use_state, "relative_actions": cfg.relative_actions, "norm_stats": stats,
             "tokenizer": data.ranks_to_json(data.load_ranks()),
-            "render_reference": None if render_reference is None else data.frame_to_text(render_reference),
+            "render_reference": render_reference,
             "history": history, "val_history": val_history})
         save_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
 
