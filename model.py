@@ -1072,23 +1072,77 @@ def autocast(device: str, enabled: bool = True):
     return contextlib.nullcontext()
 
 
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T for the SVD g = U S V^T: the same directions with every singular value set to ~1.
+
+    A quintic Newton-Schulz iteration (coefficients 3.4445, -4.7750, 2.0315 from the Muon write-up): each step
+    maps every singular value s of x to a*s + b*s^3 + c*s^5, which pushes all of them from (0, 1] towards ~1
+    (the coefficients trade exactness, values end in ~0.7-1.2, for speed). Five steps, five small matrix
+    products each; no SVD, so it is cheap enough to run on every weight at every step.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm() + 1e-7)  # singular values now <= 1
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the wide side: x @ x.T is then the smaller square
+        x = x.T
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon ("momentum orthogonalized"): SGD with Nesterov momentum whose update for each weight MATRIX is
+    orthogonalized (orthogonalize above) before it is applied.
+
+    Why it can help here: an Adam update of a matrix is dominated by a few directions (the ones the current
+    loss pulls hardest on); orthogonalizing gives every direction of the update the same size, so rarely used
+    directions -- e.g. the ones a new colour/shape look-up needs -- move as fast as the common ones. Only for the
+    2-D weights inside the transformer blocks (and the projector); embeddings, the conv stem, norms and biases
+    stay with AdamW (train_grounding.py --muon-lr). The update is scaled by sqrt(max(1, rows/cols)) so that
+    tall matrices (the MLP's first layer, 512x128) get an RMS step like square ones.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(p.grad)
+                g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov: look one momentum step ahead
+                update = orthogonalize(g) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+
+
 def save_optimizer(path: str, opt: torch.optim.Optimizer):
-    """AdamW's moment estimates as safetensors (no pickle), so --resume continues exactly."""
+    """The optimizer's state (AdamW's moment estimates, Muon's momentum) as safetensors (no pickle), so
+    --resume continues exactly."""
     tensors = {}
-    for i, (p, st) in enumerate(opt.state.items()):
-        for k, v in st.items():
+    params = [p for group in opt.param_groups for p in group["params"]]  # numbered in the optimizer's own order
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
             tensors[f"{i}.{k}"] = v.detach().cpu().reshape(-1) if torch.is_tensor(v) else torch.tensor([float(v)])
     save_file(tensors, path)
 
 
 def load_optimizer(path: str, opt: torch.optim.Optimizer, params: list):
+    """The inverse of save_optimizer: `params` in the order the optimizer holds them (AdamW's moments, or
+    Muon's momentum buffer; each state tensor is reshaped to its parameter's shape, the step count to a scalar)."""
     tensors = load_file(path)
     for i, p in enumerate(params):
-        if f"{i}.step" not in tensors:
-            continue
-        opt.state[p] = {"step": tensors[f"{i}.step"].reshape(()).clone(),
-                        "exp_avg": tensors[f"{i}.exp_avg"].reshape(p.shape).clone(),
-                        "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].reshape(p.shape).clone()}
+        keys = [k for k in tensors if k.startswith(f"{i}.")]
+        if keys:
+            opt.state[p] = {k.split(".", 1)[1]: tensors[k].reshape(() if k.endswith(".step") else p.shape).clone()
+                            for k in keys}
 
 
 # -----------------------------------------------------------------------------

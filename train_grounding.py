@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
-from model import (Planner, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizer, pick_device, save_checkpoint,
+from model import (Muon, Planner, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizer, pick_device, save_checkpoint,
                    save_optimizer)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,6 +82,8 @@ class Config:
                                  # measured over 4 seeds at 2600 steps: no gain, README "Seeds")
     decay_fraction: float = 0.2  # (wsd only)
     weight_decay: float = 0.05
+    muon_lr: float = 0.0         # > 0: the transformer blocks' weight matrices train with Muon (model.Muon) at this
+                                 # rate (it follows the same schedule as --lr); the rest stays AdamW. 0 = AdamW only
     grad_clip: float = 1.0
     log_interval: int = 50
     eval_interval: int = 1000
@@ -261,11 +263,17 @@ def main(argv=None):
     print(f"planner: {count_params(model) / 1e6:.2f}M parameters, {mcfg.n_image_tokens} image tokens")
 
     # -- optimizer: AdamW, betas (0.9, 0.95) as in the paper; no weight decay on biases/norms/positions ---
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n]
-    ids = {id(p) for p in decay}
+    # With --muon-lr the weight matrices inside the ViT and language blocks, and the projector, go to Muon
+    # instead (model.Muon); embeddings, the conv stem, the norms and biases stay with AdamW.
+    def for_muon(name, p):
+        return cfg.muon_lr > 0 and p.dim() == 2 and (name.startswith(("vit_blocks.", "lm_blocks.", "projector.")))
+    muon_params = [p for n, p in model.named_parameters() if for_muon(n, p)]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n and not for_muon(n, p)]
+    ids = {id(p) for p in decay + muon_params}
     no_decay = [p for p in model.parameters() if id(p) not in ids]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    muon = Muon(muon_params, lr=cfg.muon_lr, weight_decay=cfg.weight_decay) if muon_params else None
 
     step, history, evals = 0, [], []
     if cfg.resume:
@@ -274,6 +282,8 @@ def main(argv=None):
         loaded, ck = load_checkpoint(ckpt_dir)
         model.load_state_dict(loaded.state_dict())
         load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt, decay + no_decay)
+        if muon is not None:
+            load_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon, muon_params)
         step, history, evals = ck["step"], ck["history"], ck["evals"]
         print(f"resumed from {ckpt_dir} at step {step}")
         done = os.path.join(cfg.out, "metrics.json")
@@ -288,6 +298,8 @@ def main(argv=None):
             "tokenizer": data.ranks_to_json(data.load_ranks()), "history": history, "evals": evals,
             "metrics": metrics or (evals[-1] if evals else None)})
         save_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
+        if muon is not None:
+            save_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon)
 
     def evaluate(qa):
         metrics, answers = data.evaluate_grounding(model, tok, test_images, qa, device)
@@ -315,6 +327,8 @@ def main(argv=None):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
+        if muon is not None:  # the same schedule, scaled to Muon's own rate
+            muon.param_groups[0]["lr"] = cfg.muon_lr * lr / cfg.lr
         with autocast(device, cfg.bf16):
             if cfg.packed:  # images, tokens, targets, segments, positions (+ patch labels with --patch-aux)
                 _, loss, hidden = model(*batch[:5])
@@ -328,9 +342,13 @@ def main(argv=None):
                 lookup_loss = model.lookup_loss(block_input.pop("x"), cfg.lookup_layer, batch[-1])
                 total = total + cfg.lookup_aux * lookup_loss
         opt.zero_grad(set_to_none=True)
+        if muon is not None:
+            muon.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        if muon is not None:
+            muon.step()
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0 or step == cfg.max_steps:

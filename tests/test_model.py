@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import model
 import train_grounding
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -453,6 +454,47 @@ def test_save_then_load_gives_identical_outputs(tmp_path):
     a = vla.predict_actions(images, tokens, pad_mask, state, generator=torch.Generator().manual_seed(3))
     b = vla2.predict_actions(images, tokens, pad_mask, state, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.shape == (3, 4, 6)
+
+
+def test_orthogonalize_keeps_the_directions_and_evens_out_the_singular_values():
+    torch.manual_seed(0)
+    for shape in ((128, 512), (512, 128), (64, 64)):
+        u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape)))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape)))
+        s = torch.logspace(0, -2, min(shape))  # singular values spread over two orders of magnitude
+        g = (u * s) @ v.T
+        o = model.orthogonalize(g)
+        assert o.shape == g.shape
+        sv = torch.linalg.svdvals(o)
+        assert sv.min() > 0.3 and sv.max() < 1.3  # every direction now moves by a similar amount ...
+        cos = (o * (u @ v.T)).sum() / (o.norm() * (u @ v.T).norm())
+        assert cos > 0.95  # ... and they are still the gradient's own directions (U V^T)
+
+
+def test_muon_learns_and_its_state_resumes_exactly(tmp_path):
+    torch.manual_seed(0)
+    target = torch.randn(32, 16)
+    x = torch.randn(256, 16)
+
+    def run(w, opt, steps):
+        for _ in range(steps):
+            loss = ((x @ w.T - x @ target.T) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    w = torch.nn.Parameter(torch.zeros(32, 16))
+    opt = model.Muon([w], lr=0.1)
+    first = run(w, opt, 1)
+    assert run(w, opt, 60) < 0.2 * first  # it learns
+    model.save_optimizer(tmp_path / "opt.safetensors", opt)
+    w2 = torch.nn.Parameter(w.detach().clone())
+    opt2 = model.Muon([w2], lr=0.1)
+    model.load_optimizer(tmp_path / "opt.safetensors", opt2, [w2])
+    run(w, opt, 5)
+    run(w2, opt2, 5)
+    assert torch.equal(w, w2)  # the momentum came back: resuming continues exactly
 
 
 def test_stage2_starts_from_a_planner_checkpoint(tmp_path):
