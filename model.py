@@ -1,7 +1,7 @@
 """
 model.py -- every network of tiny-m1 in one file: the planner (a small vision-language model, "System 2"),
 the latent planning queries, the diffusion action expert ("System 1"), the noise schedule with DDIM sampling,
-the gradient decay between them, and safetensors checkpoints.
+the gradient decay between them, the Muon optimizer stage 1 trains with, and safetensors checkpoints.
 
 This is a teaching-scale copy of InternVLA-M1 (see the paper notes in reference/paper.md):
 

@@ -62,6 +62,11 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     with pytest.raises(ValueError, match="extra-repeat"):
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--extra-demos", demo_dir,
                            "--extra-repeat", "0", "--out", ft + "3", "--no-progress"])
+    import train_grounding  # stage 1 resumes only with the optimizers it was trained with, and says so
+    with pytest.raises(ValueError, match="--muon-lr 0.02"):
+        train_grounding.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--out",
+                              os.path.join(out, "stage1"), "--resume", "--max-steps", "40", "--muon-lr", "0",
+                              "--no-progress"])
     with pytest.raises(ValueError, match="init-from"):  # a checkpoint with other inputs is refused, and says why
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
                            os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--prev-state", "--out", ft + "2",
