@@ -1135,11 +1135,11 @@ def save_optimizer(path: str, opt: torch.optim.Optimizer):
     save_file(tensors, path)
 
 
-def load_optimizer(path: str, opt: torch.optim.Optimizer, params: list):
-    """The inverse of save_optimizer: `params` in the order the optimizer holds them (AdamW's moments, or
-    Muon's momentum buffer; each state tensor is reshaped to its parameter's shape, the step count to a scalar)."""
+def load_optimizer(path: str, opt: torch.optim.Optimizer):
+    """The inverse of save_optimizer, numbered by the same order (AdamW's moments, or Muon's momentum buffer;
+    each state tensor is reshaped to its parameter's shape, the step count to a scalar)."""
     tensors = load_file(path)
-    for i, p in enumerate(params):
+    for i, p in enumerate(p for group in opt.param_groups for p in group["params"]):
         keys = [k for k in tensors if k.startswith(f"{i}.")]
         if keys:
             opt.state[p] = {k.split(".", 1)[1]: tensors[k].reshape(() if k.endswith(".step") else p.shape).clone()

@@ -288,7 +288,7 @@ def main(argv=None):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}; run without --resume to start fresh")
         loaded, ck = load_checkpoint(ckpt_dir)
         model.load_state_dict(loaded.state_dict())
-        load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt, all_params)
+        load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
         step, history, val_history = ck["step"], ck["history"], ck["val_history"]
         log(f"resumed from {ckpt_dir} at step {step}")
         if step >= cfg.max_steps and os.path.exists(os.path.join(cfg.out, "train_summary.json")):

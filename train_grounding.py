@@ -299,9 +299,9 @@ def main(argv=None):
             raise ValueError(f"--resume: {ckpt_dir} was trained with --muon-lr {was_muon}, this run has --muon-lr "
                              f"{cfg.muon_lr}; the optimizers differ. Resume with --muon-lr {was_muon}, or start a "
                              f"fresh run in another --out")
-        load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt, decay + no_decay)
+        load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
         if muon is not None:
-            load_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon, muon_params)
+            load_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon)
 
     def checkpoint(metrics=None):
         save_checkpoint(ckpt_dir, model, {

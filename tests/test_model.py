@@ -491,7 +491,7 @@ def test_muon_learns_and_its_state_resumes_exactly(tmp_path):
     model.save_optimizer(tmp_path / "opt.safetensors", opt)
     w2 = torch.nn.Parameter(w.detach().clone())
     opt2 = model.Muon([w2], lr=0.1)
-    model.load_optimizer(tmp_path / "opt.safetensors", opt2, [w2])
+    model.load_optimizer(tmp_path / "opt.safetensors", opt2)
     run(w, opt, 5)
     run(w2, opt2, 5)
     assert torch.equal(w, w2)  # the momentum came back: resuming continues exactly
