@@ -46,7 +46,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from model import (VLA, ActionExpertConfig, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizer, pick_device,
+from model import (VLA, Muon, ActionExpertConfig, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizer, pick_device,
                    save_checkpoint, save_optimizer)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,6 +112,9 @@ class Config:
                                  # planner rate keeps stage 1's grounding while the action loss pulls on it
     lr_action: float = 1e-3
     lr_other: float = 5e-4
+    muon_lr: float = 0.0         # >0: the weight matrices inside the DiT and query blocks train with Muon
+                                 # (model.Muon) at this peak rate instead of AdamW; 0 = AdamW only (measured:
+                                 # README, closed-loop item 20)
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -279,8 +282,15 @@ def main(argv=None):
     log(f"VLA: planner {count_params(model.planner) / 1e6:.2f}M, queries {count_params(model.queries) / 1e6:.2f}M, "
         f"action expert {count_params(model.expert) / 1e6:.2f}M parameters")
     groups = model.param_groups(cfg.lr_planner, cfg.lr_action, cfg.lr_other, cfg.weight_decay)
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     all_params = [p for g in groups for p in g["params"]]
+    # With --muon-lr the weight matrices inside the DiT and query blocks (trained from scratch here) move to
+    # Muon; the planner, which stage 1 trained, and every embedding, norm and bias stay with AdamW.
+    muon_params = [p for n, p in model.named_parameters()
+                   if cfg.muon_lr > 0 and p.dim() == 2 and n.startswith(("expert.blocks.", "queries.blocks."))]
+    ids = {id(p) for p in muon_params}
+    groups = [dict(g, params=[p for p in g["params"] if id(p) not in ids]) for g in groups]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
+    muon = Muon(muon_params, lr=cfg.muon_lr, weight_decay=cfg.weight_decay) if muon_params else None
 
     step, history, val_history = 0, [], []
     if cfg.resume:
@@ -288,12 +298,19 @@ def main(argv=None):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}; run without --resume to start fresh")
         loaded, ck = load_checkpoint(ckpt_dir)
         model.load_state_dict(loaded.state_dict())
-        load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
         step, history, val_history = ck["step"], ck["history"], ck["val_history"]
         log(f"resumed from {ckpt_dir} at step {step}")
         if step >= cfg.max_steps and os.path.exists(os.path.join(cfg.out, "train_summary.json")):
             log(f"already trained to {step} steps; nothing to do")  # keeps the finished run's summary
             return
+        was_muon = ck["train_config"].get("muon_lr", 0.0)  # checkpoints from before Muon have no such setting
+        if (was_muon > 0) != (muon is not None):
+            raise ValueError(f"--resume: {ckpt_dir} was trained with --muon-lr {was_muon}, this run has --muon-lr "
+                             f"{cfg.muon_lr}; the optimizers differ. Resume with --muon-lr {was_muon}, or start a "
+                             f"fresh run in another --out")
+        load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
+        if muon is not None:
+            load_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon)
     # under torchrun: DDP averages gradients across processes during backward (some parameters, e.g. the
     # planner's output head without co-training, get no gradient in a step: find_unused_parameters)
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
@@ -310,6 +327,8 @@ def main(argv=None):
             "render_reference": render_reference,
             "history": history, "val_history": val_history})
         save_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
+        if muon is not None:
+            save_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon)
 
     @torch.no_grad()
     def validation_loss() -> float:
@@ -336,6 +355,8 @@ def main(argv=None):
         scale = lr_scale(step, cfg)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
+        if muon is not None:  # the same schedule, at Muon's own peak rate
+            muon.param_groups[0]["lr"] = cfg.muon_lr * scale
         batch = train_set.collate([train_set[i] for i in train_set.sample_indices(rng, cfg.batch_size, cfg.early_fraction)])
         images, tokens, mask, actions, state, where = batch
         images, tokens, mask, actions, state = (x.to(device) for x in (images, tokens, mask, actions, state))
@@ -353,9 +374,13 @@ def main(argv=None):
         g_loss = torch.zeros(()) if g_loss is None else g_loss
         w_loss = torch.zeros(()) if w_loss is None else w_loss
         opt.zero_grad(set_to_none=True)
+        if muon is not None:
+            muon.zero_grad(set_to_none=True)
         loss.backward()  # under DDP, gradients are averaged across processes here
         torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)
         opt.step()
+        if muon is not None:
+            muon.step()
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0 or step == cfg.max_steps:

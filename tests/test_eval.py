@@ -59,6 +59,20 @@ def test_smoke_pipeline_end_to_end(tmp_path):
                        "--lr-other", "0", "--out", ft, "--no-progress"])
     a, b = load_checkpoint(ck)[0].state_dict(), load_checkpoint(os.path.join(ft, "ckpt"))[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --muon-lr in stage 2: with every AdamW rate 0, exactly the DiT's and the queries' block matrices move
+    mu = os.path.join(out, "muon")
+    train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
+                       os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--max-steps", "2",
+                       "--eval-interval", "2", "--lr-planner", "0", "--lr-action", "0", "--lr-other", "0",
+                       "--muon-lr", "0.02", "--out", mu, "--no-progress"])
+    c = load_checkpoint(os.path.join(mu, "ckpt"))[0].state_dict()
+    moved = {k for k in a if not torch.equal(a[k], c[k])}
+    assert moved and moved == {k for k in a if a[k].dim() == 2 and k.startswith(("expert.blocks.", "queries.blocks."))}
+    assert os.path.exists(os.path.join(mu, "ckpt", "optimizer_muon.safetensors"))
+    with pytest.raises(ValueError, match="--muon-lr 0.02"):  # resuming with the other optimizer is refused
+        train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
+                           os.path.join(out, "stage1", "ckpt"), "--resume", "--max-steps", "4", "--out", mu,
+                           "--no-progress"])
     with pytest.raises(ValueError, match="extra-repeat"):
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--extra-demos", demo_dir,
                            "--extra-repeat", "0", "--out", ft + "3", "--no-progress"])
