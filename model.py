@@ -1100,7 +1100,8 @@ class Muon(torch.optim.Optimizer):
     directions move as fast as the common ones. (Our guess is that the colour/shape look-ups of stage 1 are such
     directions; what is measured is only that stage 1 learns faster, README "Muon".) Only for the
     2-D weights inside the transformer blocks (and the projector); embeddings, the conv stem, norms and biases
-    stay with AdamW (train_grounding.py --muon-lr). The update is scaled by sqrt(max(1, rows/cols)) so that
+    stay with AdamW (train_grounding.py --muon-lr; in stage 2, train_action.py --muon-lr gives it the DiT's and
+    the queries' block matrices, README closed-loop item 20). The update is scaled by sqrt(max(1, rows/cols)) so that
     tall matrices (the MLP's first layer, 512x128) get an RMS step like square ones.
     """
 

@@ -30,6 +30,9 @@ Variants (the paper's ablation): `m1` = stage-1 planner + spatial prompt + co-tr
 trained on actions only, planner from scratch, bare instruction. Both learn from the same DART-style
 demonstrations (data.generate_demos, --demo-noise) with the same batches (--early-fraction).
 Both get the same number of steps and batch sizes: the same compute for the action loss.
+Optimizers: AdamW with the paper's per-module rates, except the weight matrices inside the DiT and query blocks,
+which train with Muon (model.Muon, --muon-lr 0.02; 0 gives AdamW alone). At 2000 steps Muon took closed-loop
+success from 0/600 to 82/600 (README, closed-loop item 20).
 """
 
 import argparse
@@ -112,9 +115,9 @@ class Config:
                                  # planner rate keeps stage 1's grounding while the action loss pulls on it
     lr_action: float = 1e-3
     lr_other: float = 5e-4
-    muon_lr: float = 0.0         # >0: the weight matrices inside the DiT and query blocks train with Muon
-                                 # (model.Muon) at this peak rate instead of AdamW; 0 = AdamW only (measured:
-                                 # README, closed-loop item 20)
+    muon_lr: float = 0.02        # the weight matrices inside the DiT and query blocks train with Muon
+                                 # (model.Muon) at this peak rate instead of AdamW; 0 = AdamW only. Measured:
+                                 # success 0/600 -> 82/600 at 2000 steps (README, closed-loop item 20)
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0

@@ -56,7 +56,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
                        os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--extra-demos", demo_dir,
                        "--extra-repeat", "2",
                        "--max-steps", "2", "--eval-interval", "2", "--lr-planner", "0", "--lr-action", "0",
-                       "--lr-other", "0", "--out", ft, "--no-progress"])
+                       "--lr-other", "0", "--muon-lr", "0", "--out", ft, "--no-progress"])
     a, b = load_checkpoint(ck)[0].state_dict(), load_checkpoint(os.path.join(ft, "ckpt"))[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # --muon-lr in stage 2: with every AdamW rate 0, exactly the DiT's and the queries' block matrices move
@@ -71,8 +71,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert os.path.exists(os.path.join(mu, "ckpt", "optimizer_muon.safetensors"))
     with pytest.raises(ValueError, match="--muon-lr 0.02"):  # resuming with the other optimizer is refused
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
-                           os.path.join(out, "stage1", "ckpt"), "--resume", "--max-steps", "4", "--out", mu,
-                           "--no-progress"])
+                           os.path.join(out, "stage1", "ckpt"), "--resume", "--max-steps", "4", "--muon-lr", "0",
+                           "--out", mu, "--no-progress"])
     with pytest.raises(ValueError, match="extra-repeat"):
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--extra-demos", demo_dir,
                            "--extra-repeat", "0", "--out", ft + "3", "--no-progress"])
