@@ -1147,6 +1147,28 @@ def load_optimizer(path: str, opt: torch.optim.Optimizer):
                             for k in keys}
 
 
+def save_optimizers(ckpt_dir: str, opt: torch.optim.Optimizer, muon: "Muon | None"):
+    """Both training scripts' optimizer state beside the weights: AdamW's in optimizer.safetensors, Muon's (when
+    --muon-lr > 0) in optimizer_muon.safetensors."""
+    save_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
+    if muon is not None:
+        save_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon)
+
+
+def load_optimizers(ckpt_dir: str, train_config: dict, muon_lr: float, opt: torch.optim.Optimizer,
+                    muon: "Muon | None"):
+    """The inverse of save_optimizers for --resume. A run resumes only with the optimizers it was trained with
+    (train_config is the checkpoint's; checkpoints from before Muon have no muon_lr): otherwise a ValueError
+    names the flag to pass."""
+    was = train_config.get("muon_lr", 0.0)
+    if (was > 0) != (muon is not None):
+        raise ValueError(f"--resume: {ckpt_dir} was trained with --muon-lr {was}, this run has --muon-lr {muon_lr}; "
+                         f"the optimizers differ. Resume with --muon-lr {was}, or start a fresh run in another --out")
+    load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
+    if muon is not None:
+        load_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon)
+
+
 # -----------------------------------------------------------------------------
 # python model.py: every stage on dummy input
 

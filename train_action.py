@@ -49,8 +49,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from model import (VLA, Muon, ActionExpertConfig, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizer, pick_device,
-                   save_checkpoint, save_optimizer)
+from model import (VLA, Muon, ActionExpertConfig, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizers, pick_device,
+                   save_checkpoint, save_optimizers)
 
 # ----------------------------------------------------------------------------------------------------------
 # settings
@@ -306,14 +306,7 @@ def main(argv=None):
         if step >= cfg.max_steps and os.path.exists(os.path.join(cfg.out, "train_summary.json")):
             log(f"already trained to {step} steps; nothing to do")  # keeps the finished run's summary
             return
-        was_muon = ck["train_config"].get("muon_lr", 0.0)  # checkpoints from before Muon have no such setting
-        if (was_muon > 0) != (muon is not None):
-            raise ValueError(f"--resume: {ckpt_dir} was trained with --muon-lr {was_muon}, this run has --muon-lr "
-                             f"{cfg.muon_lr}; the optimizers differ. Resume with --muon-lr {was_muon}, or start a "
-                             f"fresh run in another --out")
-        load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
-        if muon is not None:
-            load_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon)
+        load_optimizers(ckpt_dir, ck["train_config"], cfg.muon_lr, opt, muon)
     # under torchrun: DDP averages gradients across processes during backward (some parameters, e.g. the
     # planner's output head without co-training, get no gradient in a step: find_unused_parameters)
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
@@ -329,9 +322,7 @@ def main(argv=None):
             "tokenizer": data.ranks_to_json(data.load_ranks()),
             "render_reference": render_reference,
             "history": history, "val_history": val_history})
-        save_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
-        if muon is not None:
-            save_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon)
+        save_optimizers(ckpt_dir, opt, muon)
 
     @torch.no_grad()
     def validation_loss() -> float:

@@ -38,8 +38,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
-from model import (Muon, Planner, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizer, pick_device, save_checkpoint,
-                   save_optimizer)
+from model import (Muon, Planner, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizers, pick_device, save_checkpoint,
+                   save_optimizers)
 
 # ----------------------------------------------------------------------------------------------------------
 # settings: a dataclass whose fields are the command-line flags; presets fill them in
@@ -294,23 +294,14 @@ def main(argv=None):
             print(f"already trained to {step} steps; nothing to do (results in {done})")
             with open(done) as f:
                 return json.load(f)
-        was_muon = ck["train_config"].get("muon_lr", 0.0)  # checkpoints from before Muon have no such setting
-        if (was_muon > 0) != (muon is not None):
-            raise ValueError(f"--resume: {ckpt_dir} was trained with --muon-lr {was_muon}, this run has --muon-lr "
-                             f"{cfg.muon_lr}; the optimizers differ. Resume with --muon-lr {was_muon}, or start a "
-                             f"fresh run in another --out")
-        load_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
-        if muon is not None:
-            load_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon)
+        load_optimizers(ckpt_dir, ck["train_config"], cfg.muon_lr, opt, muon)
 
     def checkpoint(metrics=None):
         save_checkpoint(ckpt_dir, model, {
             "stage": 1, "step": step, "train_config": asdict(cfg), "image_size": cfg.image_size,
             "tokenizer": data.ranks_to_json(data.load_ranks()), "history": history, "evals": evals,
             "metrics": metrics or (evals[-1] if evals else None)})
-        save_optimizer(os.path.join(ckpt_dir, "optimizer.safetensors"), opt)
-        if muon is not None:
-            save_optimizer(os.path.join(ckpt_dir, "optimizer_muon.safetensors"), muon)
+        save_optimizers(ckpt_dir, opt, muon)
 
     def evaluate(qa):
         metrics, answers = data.evaluate_grounding(model, tok, test_images, qa, device)
