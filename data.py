@@ -264,7 +264,7 @@ def trace_label(info: dict) -> np.ndarray:
 def scene_questions(info: dict, rng: np.random.Generator, image_size: int, counterfactual_prompts: int = 0) -> list:
     """Every grounding question we ask about one scene, with its answer text and the label to score it by.
     counterfactual_prompts > 0 adds that many more spatial prompts on the same table for tasks on *other*
-    objects (sim.retarget), each answered with its own object's box (off by default; README, stage 1)."""
+    objects (sim.retarget), each answered with its own object's box (off by default; EXPERIMENTS.md, stage 1)."""
     import sim
 
     sc = info["scene"]
@@ -380,7 +380,7 @@ def render_check(config: dict, name: str) -> float | None:
     if diff > RENDER_TOLERANCE:
         print(f"WARNING: {name} learned from pictures drawn by another renderer: this machine draws the reference "
               f"table {diff:.2f} grey levels (mean) differently. Policies do much worse on another renderer's "
-              "pictures (README, closed-loop item 19). Record the demonstrations with this machine's renderer, or "
+              "pictures (EXPERIMENTS.md, item 19). Record the demonstrations with this machine's renderer, or "
               "render with Mesa's llvmpipe on the training machine too (README: 'Training on another machine').",
               flush=True)
     return diff
@@ -747,12 +747,12 @@ def generate_demos(out_dir: str, n_episodes: int, split: str = "train", seed: in
     a held random offset (demo_noise_offsets), but the *expert's* action is what is recorded. The frames then
     show the arm a little off the expert's path while the labels lead back to it: the recovery data a scripted
     expert that never misses cannot give otherwise, and the joint state no longer predicts the next action
-    by itself, so the policy has to look at the image (README, "Why the closed loop fails").
+    by itself, so the policy has to look at the image (EXPERIMENTS.md, "Why the closed loop fails").
 
     paired=True records counterfactual pairs: episodes 2k and 2k+1 start from the same table, the same light
     and the same start pose (the same first image), but ask for different objects (sim.retarget). Unpaired,
     every table comes with one instruction, so a policy can learn "this table -> reach there" from the image
-    alone and never read the words (README, item 10). Paired, the first frames differ only in the words.
+    alone and never read the words (EXPERIMENTS.md, item 10). Paired, the first frames differ only in the words.
 
     miss > 0: that fraction of episodes starts with a deliberate miss (the grasp MISS_OFFSET beside the object),
     then the expert sees the jaws come up empty and grasps again at the true position (sim.ScriptedExpert,
@@ -875,7 +875,7 @@ def generate_takeover_demos(ckpt: str, out_dir: str, n_episodes: int, split: str
     or at once if the policy let go of it before then; a policy that never lifts the target is taken over at a
     step drawn from TAKEOVER_FALLBACK (after_lift_only=True: never, and the episode is marked failed, so only
     takeovers after the policy's own lift are kept). Why there: the policy's closed-loop failure is letting go at the end of
-    its own lift, away from the container (README, item 15), in states the expert's demonstrations never
+    its own lift, away from the container (EXPERIMENTS.md, item 15), in states the expert's demonstrations never
     visit. The frames the policy drove are kept but marked label_mask = False (its actions are not labels);
     the frames from the takeover on are labelled by the expert, so the first labels come from the policy's own
     states. Episodes the expert could not finish are marked failed (training reads only successful ones).
@@ -1014,7 +1014,7 @@ EARLY_STEPS = 8  # "the start of an episode" for DemoDataset.sample_indices (the
 def object_resting(episode: dict, tol: float = 1.0) -> np.ndarray:
     """(T,) bool: the key object still lies where it started (its box centre within tol px of frame 0's).
     Once it is in the jaws its box is wherever the gripper is, so labels from those frames reward the shortcut
-    "the object is at the gripper"; in the closed loop the planner does answer near an empty gripper (README,
+    "the object is at the gripper"; in the closed loop the planner does answer near an empty gripper (EXPERIMENTS.md,
     "Why the closed loop fails", item 8). train_action.py --no-held-labels takes the object labels only from
     resting frames: measured, that weakened the habit but did not bring the arm closer, so it is off by default."""
     c = box_centre(episode["target_box"])  # (T, 2)

@@ -618,10 +618,10 @@ ABLATION = {  # name -> extra flags for train_action.py
     "no_state": ["--no-use-state"],
     "no_where": ["--where-weight", "0"],
     "no_dart": ["--demo-noise", "0"],
-    # session 6's remedies for "the actions ignore the words" (README, item 11); not in --ablation's default set
+    # session 6's remedies for "the actions ignore the words" (EXPERIMENTS.md, item 11); not in --ablation's default set
     "m1_plan": ["--variant", "m1", "--paired-demos", "--written-plan"],
     "vanilla_paired": ["--variant", "vanilla", "--paired-demos"],
-    # session 10: the plan's numbers and the previous state reach the DiT directly (README, item 15)
+    # session 10: the plan's numbers and the previous state reach the DiT directly (EXPERIMENTS.md, item 15)
     "m1_plan_num": ["--variant", "m1", "--paired-demos", "--written-plan", "--plan-numbers", "--prev-state"],
 }
 

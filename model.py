@@ -119,7 +119,7 @@ class ActionExpertConfig:
     state_dim: int = 6
     use_state: bool = True  # the joint angles as one more condition token. The paper's released models drop it
                             # (it hurt their out-of-distribution generalisation); here, without it, the wrist
-                            # roll and the gripper (a few pixels at 96x96) are off by 40 and 22 deg (README)
+                            # roll and the gripper (a few pixels at 96x96) are off by 40 and 22 deg (EXPERIMENTS.md)
     d_model: int = 128  # d_act: width of queries, condition tokens and DiT
     n_layers: int = 4
     n_heads: int = 4
@@ -127,7 +127,7 @@ class ActionExpertConfig:
     query_layers: int = 1
     # a linear "where" readout on the mean condition token, trained to say where the key object and the
     # container are (see VLA.where_loss). Off in the paper; here the condition tokens otherwise carry almost
-    # no position (a linear probe finds R^2 ~0.15 for the object's x, README)
+    # no position (a linear probe finds R^2 ~0.15 for the object's x, EXPERIMENTS.md)
     where_head: bool = False
     num_train_timesteps: int = 100
     dropout: float = 0.0
@@ -430,7 +430,7 @@ class Planner(nn.Module):
         layer's image tokens, averaged over patches and the K label kinds.
         Why: the paper starts from a VLM that already knows what "red" and "cube" look like; this planner starts
         from scratch and must discover it from the answers alone. Measured: the head learns at once, the answers
-        do not improve (README, "Is it the eyes or the words?")."""
+        do not improve (EXPERIMENTS.md, "Is it the eyes or the words?")."""
         logits = self.patch_head(hidden[:, : self.config.n_image_tokens]).float()  # (B, P, sum(classes))
         losses = [F.cross_entropy(part.flatten(0, 1), labels[:, k].flatten())
                   for k, part in enumerate(logits.split(list(self.config.patch_classes), dim=-1))]
@@ -812,7 +812,7 @@ class VLA(nn.Module):
         n_samples > 1 draws that many chunks from the same condition (one batched DDIM run) and returns, per
         row, the medoid: the drawn chunk with the smallest summed distance to the others. It is a real sample,
         so joints stay consistent with each other, but a rare mode drawn by one sample in K is outvoted by the
-        rest. (Tried against the jaws opening early in the carry, README item 15: there that was no rare draw.)"""
+        rest. (Tried against the jaws opening early in the carry, EXPERIMENTS.md item 15: not a rare draw.)"""
         cond = self.condition(images, tokens, pad_mask)  # (B, K_q, d)
         if n_samples <= 1:
             return self.expert.sample(cond, state_norm, n_ddim, generator, noise_scale)
@@ -1098,10 +1098,10 @@ class Muon(torch.optim.Optimizer):
     Why it can help: a raw or Adam update of a matrix is dominated by a few directions (the ones the current
     loss pulls hardest on); orthogonalizing gives every direction of the update the same size, so rarely used
     directions move as fast as the common ones. (Our guess is that the colour/shape look-ups of stage 1 are such
-    directions; what is measured is only that stage 1 learns faster, README "Muon".) Only for the
+    directions; what is measured is only that stage 1 learns faster, EXPERIMENTS.md "Muon".) Only for the
     2-D weights inside the transformer blocks (and the projector); embeddings, the conv stem, norms and biases
     stay with AdamW (train_grounding.py --muon-lr; in stage 2, train_action.py --muon-lr gives it the DiT's and
-    the queries' block matrices, README closed-loop item 20). The update is scaled by sqrt(max(1, rows/cols)) so that
+    the queries' block matrices, EXPERIMENTS.md item 20). The update is scaled by sqrt(max(1, rows/cols)) so that
     tall matrices (the MLP's first layer, 512x128) get an RMS step like square ones.
     """
 

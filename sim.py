@@ -664,7 +664,7 @@ class SO100Env:
 # ----------------------------------------------------------------------------------------------------------
 # Which renderer drew the pictures? The same scene drawn by two OpenGL backends (Mesa's software llvmpipe on a
 # laptop, NVIDIA's driver on a GPU box) differs in a few pixels, and a policy trained on one backend's pictures
-# does far worse on the other's (README, closed-loop item 19: 6% against 14% for the same recipe). Data folders
+# does far worse on the other's (EXPERIMENTS.md, closed-loop item 19: 6% against 14% for the same recipe). Data folders
 # and stage-2 checkpoints keep the first frame of one fixed table; eval.py draws it again and compares.
 
 
@@ -840,7 +840,7 @@ class ScriptedExpert:
     def __init__(self, env: SO100Env, grasp_offset: float = 0.0, seed: int = 0, miss_once: bool = False):
         self.env = env
         # a deliberate miss (m): the grasp point is moved this far in a random horizontal direction. It
-        # measures how precise a policy has to be (README: `python sim.py --grasp-offset 0.02`)
+        # measures how precise a policy has to be (EXPERIMENTS.md: `python sim.py --grasp-offset 0.02`)
         self.grasp_offset, self.rng = grasp_offset, np.random.default_rng(seed)
         # miss_once: only the first try is off; the retry after the slip aims at the object's true position.
         # That records a recovery -- "the jaws came up empty: open, go back down, grasp again" -- which an

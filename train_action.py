@@ -12,12 +12,12 @@ expert, while grounding keeps being trained:
     python train_action.py                                    # m1, the README's laptop run (preset default)
     python train_action.py --variant vanilla --out out/vanilla  # the paper's "vanilla VLA" ablation
     python train_action.py --paired-demos --written-plan      # m1 with counterfactual demonstration pairs
-                                                              # and a written plan (README, item 11)
+                                                              # and a written plan (EXPERIMENTS.md, item 11)
     python train_action.py --paired-demos --written-plan --plan-numbers --prev-state  # ... and the plan's
                                                               # numbers and the last state for the DiT (item 15)
     python train_action.py ... --init-from out/m1/ckpt --extra-demos out/takeover --max-steps 600
                                                               # fine-tune on DAgger-style takeover episodes
-                                                              # (data.py --takeover; README, items 16-17)
+                                                              # (data.py --takeover; EXPERIMENTS.md, items 16-17)
     python train_action.py ... --extra-demos out/round1,out/round2 --extra-repeat 3
                                                               # several folders, each episode drawn 3x as often
     python train_action.py --no-cotrain --out out/no_cotrain  # any single component off (also
@@ -32,7 +32,7 @@ demonstrations (data.generate_demos, --demo-noise) with the same batches (--earl
 Both get the same number of steps and batch sizes: the same compute for the action loss.
 Optimizers: AdamW with the paper's per-module rates, except the weight matrices inside the DiT and query blocks,
 which train with Muon (model.Muon, --muon-lr 0.02; 0 gives AdamW alone). At 2000 steps Muon took closed-loop
-success from 0/600 to 82/600 (README, closed-loop item 20).
+success from 0/600 to 82/600 (EXPERIMENTS.md, closed-loop item 20).
 """
 
 import argparse
@@ -68,24 +68,24 @@ class Config:
     cotrain: bool = True         # a grounding batch every step, weighted by grounding_weight
     grad_decay: float = 0.5      # scale of the action loss's gradient into the planner
     grounding_weight: float = 0.1
-    relative_actions: bool = False  # predict each chunk relative to the joint state (data.DemoDataset); no gain (README)
+    relative_actions: bool = False  # predict each chunk relative to the joint state; no gain (EXPERIMENTS.md)
     use_state: bool = True       # give the DiT the robot's joint state (the paper's released models leave it
-                                 # out; at 96x96 px the wrist roll and jaw are too small to read, see README)
+                                 # out; at 96x96 px the wrist roll and jaw are too small to read, see EXPERIMENTS.md)
     where_weight: float = 10.0   # > 0: a where head on the condition tokens must say where the object and
                                  # container are (model.VLA.where_loss); spatial guidance, so m1 only
     held_labels: bool = True     # label the key object's position also while it is in the jaws (where head and
                                  # co-training questions); --no-held-labels was tried against the planner's
-                                 # "the object is at the gripper" habit and did not help (README, item 8)
+                                 # "the object is at the gripper" habit and did not help (EXPERIMENTS.md, item 8)
     written_plan: bool = False   # the planner writes its answer to the spatial prompt (the key object's box) and
                                  # the queries read it too (data.plan_tokens, model.Policy.condition_inputs): the
-                                 # latent path alone never carried WHICH object is named (README, item 11)
+                                 # latent path alone never carried WHICH object is named (EXPERIMENTS.md, item 11)
     plan_numbers: bool = False   # with written_plan: the plan's numbers (box, place point; data.plan_vector) also
                                  # reach the DiT directly, beside the joint state, not only through the planner's
                                  # hidden states. The grasp got much better; the carry still ignores the place
-                                 # point (README, item 15)
+                                 # point (EXPERIMENTS.md, item 15)
     prev_state: bool = False     # the DiT also reads the joint state one control step earlier (the arm's motion;
                                  # Diffusion Policy reads 2 observation steps), against the end of the lift looking
-                                 # like the start of the lowering in one frame. No clear gain (README, item 15)
+                                 # like the start of the lowering in one frame. No clear gain (EXPERIMENTS.md, item 15)
     early_fraction: float = 0.3  # share of each batch from the first data.EARLY_STEPS frames of an episode
     demo_noise: float = 0.08     # DART: std (rad) of held offsets on the expert's executed actions
                                  # (data.generate_demos); both variants learn from the same demonstrations
@@ -117,7 +117,7 @@ class Config:
     lr_other: float = 5e-4
     muon_lr: float = 0.02        # the weight matrices inside the DiT and query blocks train with Muon
                                  # (model.Muon) at this peak rate instead of AdamW; 0 = AdamW only. Measured:
-                                 # success 0/600 -> 82/600 at 2000 steps (README, closed-loop item 20)
+                                 # success 0/600 -> 82/600 at 2000 steps (EXPERIMENTS.md, closed-loop item 20)
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0

@@ -65,9 +65,9 @@ class Config:
     curriculum_steps: int = 500  # ... that the first steps train on (0 = no curriculum); see CURRICULUM below
     curriculum_batch_size: int = 32  # those tables are small (~5 questions), so twice as many per step
     counterfactual_prompts: int = 0  # per training table, this many more spatial prompts naming another object
-                                     # (data.scene_questions; its own data folder); 2 gave no clear gain (README)
+                                     # (data.scene_questions; its own data folder); 2: no clear gain (EXPERIMENTS.md)
     patch_aux: float = 0.0       # weight of an auxiliary loss naming each patch's colour and shape
-                                 # (model.Planner.patch_loss; needs --packed); 0 = off: no gain (README)
+                                 # (model.Planner.patch_loss; needs --packed); 0 = off: no gain (EXPERIMENTS.md)
     lookup_aux: float = 0.0      # weight of an auxiliary loss that points one attention head of the language
                                  # model at the patches each answer lies in (model.Planner.lookup_loss; --packed)
     lookup_layer: int = 1        # which language block's head 0 it supervises (0 = the first)
@@ -75,18 +75,18 @@ class Config:
                                  # --no-packed the question joins the image in the bidirectional prefix
     max_steps: int = 2600         # 500 curriculum steps (~0.5 s) + 2100 on full tables (~0.34 s): 20 min with the data
     lr: float = 6e-4             # from scratch; the paper's 1e-5 is for fine-tuning a pre-trained VLM. With the
-                                 # curriculum, 6e-4 and 1e-3 bind words to objects much faster than 3e-4 (README)
+                                 # curriculum, 6e-4 and 1e-3 bind words to objects faster than 3e-4 (EXPERIMENTS.md)
     min_lr: float = 3e-5
     warmup: int = 50
     schedule: str = "cosine"     # cosine: decay from the warm-up on; wsd: warm-up, stable at lr, then decay over
                                  # the last decay_fraction of the steps (the high rate kept through the binding;
-                                 # measured over 4 seeds at 2600 steps: no gain, README "Seeds")
+                                 # measured over 4 seeds at 2600 steps: no gain, EXPERIMENTS.md "Seeds")
     decay_fraction: float = 0.2  # (wsd only)
     weight_decay: float = 0.05
     muon_lr: float = 0.02        # the transformer blocks' weight matrices train with Muon (model.Muon) at this rate
                                  # (on the same schedule as --lr); embeddings, stem, norms, biases stay AdamW. 0 =
                                  # AdamW only, as before session 15: 2600 steps, seed 0, box 59.8% against 46-50%
-                                 # (README, "Muon"); 0.04 stalled on the one-object tables
+                                 # (EXPERIMENTS.md, "Muon"); 0.04 stalled on the one-object tables
     grad_clip: float = 1.0
     log_interval: int = 50
     eval_interval: int = 1000
@@ -104,7 +104,7 @@ PRESETS = {
                   lm_layers=1, batch_size=4, max_steps=30, warmup=5, log_interval=10, eval_interval=30,
                   curriculum_scenes=8, curriculum_steps=10, curriculum_batch_size=4),
     "default": dict(),
-    # full: the default's data and model, 12000 steps. Measured on an H100 (README, "Stage 1 on a GPU"): box
+    # full: the default's data and model, 12000 steps. Measured on an H100 (EXPERIMENTS.md, "Stage 1 on a GPU"): box
     # Acc@0.5 99.0%, point 99.3%, trace DFD 0.95 px on the 300 test scenes, in 6.2 min of training. Between
     # steps ~3000 and ~6000 the boxes jump from ~54% to ~98%: the words bind to the objects. On 2 CPU cores the
     # same run would take ~70 min (estimated from the step time), which is why the default stops at 2600 steps,
