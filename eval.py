@@ -3,9 +3,10 @@
     python eval.py --ckpt out/m1/ckpt                            # all suites, 200 episodes each
     python eval.py --ckpt out/vanilla/ckpt out/m1/ckpt --episodes 200   # side by side: the ablation
     python eval.py --pipeline                                    # data -> stage 1 -> stage 2 (m1) -> eval
+    python eval.py --pipeline --variants m1 vanilla              # ... m1 and the vanilla VLA, the same compute
     python eval.py --pipeline --ablation                         # ... and vanilla + each component off
     python eval.py --pipeline --preset smoke                     # the whole path in about a minute
-    python eval.py --ckpt out/m1/ckpt --open-loop out/data/demos_train_96   # chunk error against the expert
+    python eval.py --ckpt out/m1/ckpt --open-loop out/data/demos_train_96_noise0.08_paired  # chunk error against the expert
     python eval.py --ckpt CKPT --swap-instruction 60     # does the first chunk follow the named object?
     python eval.py --ckpt CKPT --swap-place DEMO_DIR     # does the carry follow the written plan's place point?
     python eval.py --ckpt CKPT --replan-every 8 --samples 5   # control settings: actions per plan, chunks drawn
@@ -608,22 +609,29 @@ def print_table(results: dict, names: list):
 # ----------------------------------------------------------------------------------------------------------
 # the one-command pipeline: data -> stage 1 -> stage 2 -> evaluation (each stage is its own script)
 
-ABLATION = {  # name -> extra flags for train_action.py
+ABLATION = {  # name -> extra flags for train_action.py (whose defaults are m1 with the written plan, item 20)
     "vanilla": ["--variant", "vanilla"],
     "m1": ["--variant", "m1"],
     "no_stage1": ["--no-from-stage1"],
-    "no_prompt": ["--no-spatial-prompt"],
+    # the written plan answers the spatial prompt, and the plan's numbers come from the written plan
+    "no_prompt": ["--no-spatial-prompt", "--no-written-plan", "--no-plan-numbers"],
     "no_cotrain": ["--no-cotrain"],
     "no_decay": ["--grad-decay", "1.0"],
-    "no_state": ["--no-use-state"],
+    "no_state": ["--no-use-state", "--no-prev-state", "--no-plan-numbers"],  # the DiT reads no numbers at all
     "no_where": ["--where-weight", "0"],
     "no_dart": ["--demo-noise", "0"],
-    # session 6's remedies for "the actions ignore the words" (EXPERIMENTS.md, item 11); not in --ablation's default set
-    "m1_plan": ["--variant", "m1", "--paired-demos", "--written-plan"],
-    "vanilla_paired": ["--variant", "vanilla", "--paired-demos"],
-    # session 10: the plan's numbers and the previous state reach the DiT directly (EXPERIMENTS.md, item 15)
-    "m1_plan_num": ["--variant", "m1", "--paired-demos", "--written-plan", "--plan-numbers", "--prev-state"],
+    "no_plan": ["--no-written-plan", "--no-plan-numbers"],  # the paper's latent path alone (EXPERIMENTS.md, item 11)
+    # whole recipes, for --variants only. m1_plain / vanilla_plain: the paper's recipe, the default before
+    # session 18 (400 unpaired demonstrations, no written plan, one state); the other three are sessions 6 and 10's
+    # steps towards today's default (EXPERIMENTS.md, items 11 and 15), with their 400 demonstrations
+    "m1_plain": ["--variant", "m1", "--demos", "400", "--no-paired-demos", "--no-written-plan", "--no-plan-numbers",
+                 "--no-prev-state"],
+    "vanilla_plain": ["--variant", "vanilla", "--demos", "400", "--no-paired-demos", "--no-prev-state"],
+    "m1_plan": ["--variant", "m1", "--demos", "400", "--no-plan-numbers", "--no-prev-state"],
+    "vanilla_paired": ["--variant", "vanilla", "--demos", "400", "--no-prev-state"],
+    "m1_plan_num": ["--variant", "m1", "--demos", "400"],
 }
+RECIPES = ("m1_plain", "vanilla_plain", "m1_plan", "vanilla_paired", "m1_plan_num")  # not in --ablation's set
 
 
 def run(cmd: list):
@@ -645,8 +653,7 @@ def pipeline(args):
     r = resume(os.path.join(out, "stage1"))
     run(["train_grounding.py", *p, "--out", os.path.join(out, "stage1"), *r])
     timings["stage1 (data + training + grounding eval)" + (" (resumed)" if r else "")] = time.time() - t
-    recipes = ("m1_plan", "vanilla_paired", "m1_plan_num")  # whole recipes, not one component off: --variants only
-    variants = [v for v in ABLATION if v not in recipes] if args.ablation else args.variants
+    variants = [v for v in ABLATION if v not in RECIPES] if args.ablation else args.variants
     for v in variants:
         t = time.time()
         r = resume(os.path.join(out, v))

@@ -11,24 +11,27 @@ expert, while grounding keeps being trained:
     python train_action.py --preset smoke                     # < 1 minute, for tests
     python train_action.py                                    # m1, the README's laptop run (preset default)
     python train_action.py --variant vanilla --out out/vanilla  # the paper's "vanilla VLA" ablation
-    python train_action.py --paired-demos --written-plan      # m1 with counterfactual demonstration pairs
-                                                              # and a written plan (EXPERIMENTS.md, item 11)
-    python train_action.py --paired-demos --written-plan --plan-numbers --prev-state  # ... and the plan's
-                                                              # numbers and the last state for the DiT (item 15)
+    python train_action.py --no-written-plan --no-plan-numbers  # m1 without the written plan: the paper's latent
+                                                              # path alone (EXPERIMENTS.md, item 11)
+    python train_action.py --demos 400 --no-paired-demos --no-written-plan --no-plan-numbers --no-prev-state
+                                                              # the paper's plain recipe (the default before
+                                                              # session 18; eval.py's m1_plain)
     python train_action.py ... --init-from out/m1/ckpt --extra-demos out/takeover --max-steps 600
                                                               # fine-tune on DAgger-style takeover episodes
                                                               # (data.py --takeover; EXPERIMENTS.md, items 16-17)
     python train_action.py ... --extra-demos out/round1,out/round2 --extra-repeat 3
                                                               # several folders, each episode drawn 3x as often
-    python train_action.py --no-cotrain --out out/no_cotrain  # any single component off (also
-                                                              # --no-spatial-prompt, --no-from-stage1,
-                                                              # --grad-decay 1.0, --no-use-state)
+    python train_action.py --no-cotrain --out out/no_cotrain  # any single component off (also --no-from-stage1,
+                                                              # --grad-decay 1.0; eval.py's ABLATION lists them,
+                                                              # with what each needs off too)
     torchrun --nproc_per_node 4 train_action.py --preset full # several GPUs (PyTorch DDP)
 
 Variants (the paper's ablation): `m1` = stage-1 planner + spatial prompt + co-training + gradient decay
-(+ a "where" readout of the condition tokens, ours: see model.VLA.where_loss); `vanilla` = the same networks
-trained on actions only, planner from scratch, bare instruction. Both learn from the same DART-style
-demonstrations (data.generate_demos, --demo-noise) with the same batches (--early-fraction).
+(+ ours: a "where" readout of the condition tokens, model.VLA.where_loss, and a written plan: the planner writes
+its answer to the spatial prompt once per episode, and the queries and the DiT read it); `vanilla` = the same
+networks trained on actions only, planner from scratch, bare instruction, no plan. Both learn from the same
+DART-style demonstrations (data.generate_demos, --demo-noise), recorded in counterfactual pairs (the same table
+twice, two objects asked for), with the same batches (--early-fraction) and the same state inputs.
 Both get the same number of steps and batch sizes: the same compute for the action loss.
 Optimizers: AdamW with the paper's per-module rates, except the weight matrices inside the DiT and query blocks,
 which train with Muon (model.Muon, --muon-lr 0.02; 0 gives AdamW alone). At 2000 steps Muon took closed-loop
@@ -61,7 +64,7 @@ class Config:
     preset: str = "default"      # smoke | default | full
     variant: str = "m1"          # m1 | vanilla (sets the four switches below; flags after it override)
     out: str = "out/m1"
-    data_dir: str = "out/data"   # demos_train_<size>/ is made here if missing; grounding data from stage 1
+    data_dir: str = "out/data"   # demos_train_<size>_noise<x>_paired/ is made here if missing; grounding data from stage 1
     stage1: str = "out/stage1/ckpt"  # the stage-1 planner checkpoint
     from_stage1: bool = True     # start the planner from stage 1 (else from scratch)
     spatial_prompt: bool = True  # wrap the instruction in the paper's spatial prompt
@@ -76,21 +79,25 @@ class Config:
     held_labels: bool = True     # label the key object's position also while it is in the jaws (where head and
                                  # co-training questions); --no-held-labels was tried against the planner's
                                  # "the object is at the gripper" habit and did not help (EXPERIMENTS.md, item 8)
-    written_plan: bool = False   # the planner writes its answer to the spatial prompt (the key object's box) and
+    written_plan: bool = True    # (m1; vanilla has no spatial prompt to answer) the planner writes its answer to the spatial prompt (the key object's box) and
                                  # the queries read it too (data.plan_tokens, model.Policy.condition_inputs): the
                                  # latent path alone never carried WHICH object is named (EXPERIMENTS.md, item 11)
-    plan_numbers: bool = False   # with written_plan: the plan's numbers (box, place point; data.plan_vector) also
+    plan_numbers: bool = True    # (m1) with written_plan: the plan's numbers (box, place point; data.plan_vector) also
                                  # reach the DiT directly, beside the joint state, not only through the planner's
                                  # hidden states. The grasp got much better; the carry still ignores the place
                                  # point (EXPERIMENTS.md, item 15)
-    prev_state: bool = False     # the DiT also reads the joint state one control step earlier (the arm's motion;
+    prev_state: bool = True      # the DiT also reads the joint state one control step earlier (the arm's motion;
                                  # Diffusion Policy reads 2 observation steps), against the end of the lift looking
-                                 # like the start of the lowering in one frame. No clear gain (EXPERIMENTS.md, item 15)
+                                 # like the start of the lowering in one frame. No clear gain alone (EXPERIMENTS.md,
+                                 # item 15); part of the measured recipe (item 20), so both variants get it
     early_fraction: float = 0.3  # share of each batch from the first data.EARLY_STEPS frames of an episode
     demo_noise: float = 0.08     # DART: std (rad) of held offsets on the expert's executed actions
                                  # (data.generate_demos); both variants learn from the same demonstrations
-    demos: int = 400             # expert episodes to record (failed ones are dropped)
-    paired_demos: bool = False   # record them in counterfactual pairs: the same table twice, two different objects
+    demos: int = 1200            # expert episodes to record (failed ones are dropped). This default recipe (1200
+                                 # paired demonstrations, written plan with its numbers, previous state) from the
+                                 # default stage 1: 13.7% closed-loop success; the paper's plain m1 from the same
+                                 # planner with 400 demonstrations (eval.py's m1_plain): 1.7% (EXPERIMENTS.md, 20-21)
+    paired_demos: bool = True    # record them in counterfactual pairs: the same table twice, two different objects
                                  # asked for (data.generate_demos(paired=True)), so the words decide the action
     demo_miss: float = 0.0       # share of demonstrations that start with a deliberate miss and then recover
                                  # (data.generate_demos(miss=...)); the missed try itself is not a label
@@ -110,7 +117,8 @@ class Config:
     n_noise: int = 4             # diffusion noise samples per planner pass (cheap extra targets)
     batch_size: int = 32         # robot samples per step
     grounding_batch: int = 32    # grounding questions per step (co-training)
-    max_steps: int = 2000        # ~0.7 s per step on 2 cores: 24 min, plus ~3 min of demonstrations
+    max_steps: int = 2000        # on 2 cores ~1.3 s a step for m1 (~43 min), ~0.75 s for vanilla (25 min; no
+                                 # co-training batch, no plan), plus the demonstrations (~8 min for 1200)
     lr_planner: float = 1e-4     # per-module learning rates, in the paper's proportions (1 : 10 : 5); the low
                                  # planner rate keeps stage 1's grounding while the action loss pulls on it
     lr_action: float = 1e-3
@@ -142,8 +150,10 @@ PRESETS = {
     "full": dict(demos=1500, max_steps=10000, eval_interval=1000),
 }
 VARIANTS = {
-    "m1": dict(from_stage1=True, spatial_prompt=True, cotrain=True, grad_decay=0.5, where_weight=10.0),
-    "vanilla": dict(from_stage1=False, spatial_prompt=False, cotrain=False, grad_decay=1.0, where_weight=0.0),
+    "m1": dict(from_stage1=True, spatial_prompt=True, cotrain=True, grad_decay=0.5, where_weight=10.0,
+               written_plan=True, plan_numbers=True),
+    "vanilla": dict(from_stage1=False, spatial_prompt=False, cotrain=False, grad_decay=1.0, where_weight=0.0,
+                    written_plan=False, plan_numbers=False),
 }
 
 
@@ -168,7 +178,11 @@ def parse_config(argv=None) -> Config:
             p.add_argument(flag, dest=f.name, type=type(getattr(base, f.name)), default=getattr(base, f.name))
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.prev_state and not cfg.use_state:
-        p.error("--prev-state adds the previous joint state to the state the DiT reads: it needs --use-state")
+        p.error("--prev-state adds the previous joint state to the state the DiT reads: it needs --use-state "
+                "(to train without the state, add --no-prev-state --no-plan-numbers)")
+    if cfg.written_plan and not cfg.spatial_prompt:
+        p.error("--written-plan is the planner's answer to the spatial prompt: it needs --spatial-prompt "
+                "(to train without the prompt, add --no-written-plan --no-plan-numbers)")
     if cfg.plan_numbers and not (cfg.written_plan and cfg.use_state):
         p.error("--plan-numbers gives the action expert the written plan's numbers beside the joint state: "
                 "it needs --written-plan and --use-state")

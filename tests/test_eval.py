@@ -51,7 +51,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     import train_action
     from model import load_checkpoint
     ft = os.path.join(out, "ft")
-    demo_dir = os.path.join(out, "data", "demos_train_48_noise0.08")
+    demo_dir = os.path.join(out, "data", "demos_train_48_noise0.08_paired")
     train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
                        os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--extra-demos", demo_dir,
                        "--extra-repeat", "2",
@@ -83,7 +83,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
                               "--no-progress"])
     with pytest.raises(ValueError, match="init-from"):  # a checkpoint with other inputs is refused, and says why
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
-                           os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--prev-state", "--out", ft + "2",
+                           os.path.join(out, "stage1", "ckpt"), "--init-from", ck, "--no-prev-state", "--out", ft + "2",
                            "--no-progress"])
 
 

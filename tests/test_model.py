@@ -230,6 +230,27 @@ def test_lookup_flags_are_checked_before_any_data_is_made(capsys):
     assert train_grounding.parse_config(["--lookup-aux", "1", "--lookup-layer", "3"]).lookup_layer == 3
 
 
+def test_stage2_variants_set_the_written_plan_and_conflicting_flags_are_refused(capsys):
+    """m1 writes a plan and reads its numbers; vanilla has no spatial prompt, so no plan; both read the same
+    state inputs from the same paired demonstrations. A flag that needs a switched-off one is refused with
+    a message that names what else to switch off."""
+    import train_action
+    m1, van = train_action.parse_config([]), train_action.parse_config(["--variant", "vanilla"])
+    assert m1.written_plan and m1.plan_numbers and m1.spatial_prompt
+    assert not (van.written_plan or van.plan_numbers or van.spatial_prompt)
+    for key in ("paired_demos", "prev_state", "use_state", "demos", "max_steps", "batch_size", "demo_noise"):
+        assert getattr(m1, key) == getattr(van, key)
+    for argv, fix in ((["--no-spatial-prompt"], "--no-written-plan --no-plan-numbers"),
+                      (["--no-use-state"], "--no-prev-state --no-plan-numbers")):
+        with pytest.raises(SystemExit):
+            train_action.parse_config(argv)
+        assert fix in capsys.readouterr().err
+        assert train_action.parse_config(argv + fix.split())  # the suggested flags are enough
+    import eval as evaluation  # every ablation entry is a valid set of flags
+    for name, flags in evaluation.ABLATION.items():
+        assert train_action.parse_config(flags), name
+
+
 def test_coordinate_loss_prefers_near_misses_and_reduces_to_cross_entropy():
     # tokens 0..29 spell the numbers 0..29, tokens 30..39 are words
     pcfg = tiny_planner_config(number_values=tuple(range(30)) + (-1,) * 10, coord_sigma=1.0)
