@@ -6,7 +6,7 @@
     python eval.py --pipeline --variants m1 vanilla              # ... m1 and the vanilla VLA, the same compute
     python eval.py --pipeline --ablation                         # ... and vanilla + each component off
     python eval.py --pipeline --preset smoke                     # the whole path in about a minute
-    python eval.py --ckpt out/m1/ckpt --open-loop out/data/demos_train_96_noise0.08_paired  # chunk error against the expert
+    python eval.py --ckpt out/m1/ckpt --open-loop out/data/demos_train_96_noise0.08_paired   # chunk error vs expert
     python eval.py --ckpt CKPT --swap-instruction 60     # does the first chunk follow the named object?
     python eval.py --ckpt CKPT --swap-place DEMO_DIR     # does the carry follow the written plan's place point?
     python eval.py --ckpt CKPT --replan-every 8 --samples 5   # control settings: actions per plan, chunks drawn

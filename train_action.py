@@ -62,9 +62,10 @@ from model import (VLA, Muon, ActionExpertConfig, PlannerConfig, autocast, count
 @dataclass
 class Config:
     preset: str = "default"      # smoke | default | full
-    variant: str = "m1"          # m1 | vanilla (sets the four switches below; flags after it override)
+    variant: str = "m1"          # m1 | vanilla (sets the switches in VARIANTS below; flags after it override)
     out: str = "out/m1"
-    data_dir: str = "out/data"   # demos_train_<size>_noise<x>_paired/ is made here if missing; grounding data from stage 1
+    data_dir: str = "out/data"   # demos_train_<size>_noise<x>_paired/ is made here if missing; grounding data
+                                 # from stage 1
     stage1: str = "out/stage1/ckpt"  # the stage-1 planner checkpoint
     from_stage1: bool = True     # start the planner from stage 1 (else from scratch)
     spatial_prompt: bool = True  # wrap the instruction in the paper's spatial prompt
@@ -79,9 +80,10 @@ class Config:
     held_labels: bool = True     # label the key object's position also while it is in the jaws (where head and
                                  # co-training questions); --no-held-labels was tried against the planner's
                                  # "the object is at the gripper" habit and did not help (EXPERIMENTS.md, item 8)
-    written_plan: bool = True    # (m1; vanilla has no spatial prompt to answer) the planner writes its answer to the spatial prompt (the key object's box) and
-                                 # the queries read it too (data.plan_tokens, model.Policy.condition_inputs): the
-                                 # latent path alone never carried WHICH object is named (EXPERIMENTS.md, item 11)
+    written_plan: bool = True    # (m1; vanilla has no spatial prompt to answer) the planner writes its answer to
+                                 # the spatial prompt (the key object's box) and the queries read it too
+                                 # (data.plan_tokens, model.Policy.condition_inputs): the latent path alone
+                                 # never carried WHICH object is named (EXPERIMENTS.md, item 11)
     plan_numbers: bool = True    # (m1) with written_plan: the plan's numbers (box, place point; data.plan_vector) also
                                  # reach the DiT directly, beside the joint state, not only through the planner's
                                  # hidden states. The grasp got much better; the carry still ignores the place
