@@ -531,6 +531,19 @@ def plan_vector(text: str, image_size: int) -> np.ndarray:
     return v
 
 
+GRIPPER_DIM = 2  # the jaws' position in the picture (x, y), for train_action.py --gripper-point
+
+
+def gripper_vector(states, image_size: int) -> np.ndarray:
+    """Joint states (..., 6) -> (..., GRIPPER_DIM) float32 in [-1, 1]: where the jaws are in the picture
+    (sim.gripper_pixel: forward kinematics, then the camera), in plan_vector's units. With --gripper-point the
+    action expert reads it beside the plan's place point: "over the container" is then these two numbers
+    equal to the plan's last two, a comparison, not a picture to decode. Training and control both call this."""
+    import sim
+
+    return (sim.gripper_pixel(states, image_size) / image_size * 2 - 1).astype(np.float32)
+
+
 def pad_batch(seqs: list, pad_id: int, fill=None):
     """Right-pad token lists -> (tokens int64 (B, L), pad_mask bool (B, L) True on PADDING, as model.py expects)."""
     L = max(len(s) for s in seqs)
@@ -1030,13 +1043,14 @@ class DemoDataset(torch.utils.data.Dataset):
 
     collate -> images (B,3,H,W), tokens (B,L), pad_mask (B,L), actions (B,chunk,6) normalised,
                state (B,6) normalised (then the previous step's with prev_state, then the plan's numbers with
-               plan_numbers), where (B,4) object and container centres in [0, 1] (or None;
+               plan_numbers, then the jaws' place in the picture with gripper_point), where (B,4) object and container centres in [0, 1] (or None;
                the object's are NaN while it is off the table, unless held_labels).
     """
 
     def __init__(self, episodes: list, tok: tiktoken.Encoding, stats: dict, chunk: int = 8,
                  spatial_prompt: bool = True, relative: bool = False, held_labels: bool = True,
-                 written_plan: bool = False, plan_numbers: bool = False, prev_state: bool = False):
+                 written_plan: bool = False, plan_numbers: bool = False, prev_state: bool = False,
+                 gripper_point: bool = False):
         self.eps, self.tok, self.stats, self.chunk, self.relative = episodes, tok, stats, chunk, relative
         self.prev_state = prev_state  # also the state one control step earlier (frame 0: the same state again)
         if written_plan and not spatial_prompt:
@@ -1060,6 +1074,8 @@ class DemoDataset(torch.utils.data.Dataset):
             self.prompts = [p + q for p, q in zip(self.prompts, plans)]
         # plan_numbers: the same plan as PLAN_DIM numbers, appended to each frame's normalised state (plan_vector)
         self.plan_vecs = [plan_vector(tok.decode(q), self.image_size) for q in plans] if plan_numbers else None
+        # gripper_point: where the jaws are in the picture at every frame, from its joint state (gripper_vector)
+        self.grips = [gripper_vector(ep["states"], self.image_size) for ep in episodes] if gripper_point else None
 
     def __len__(self):
         return len(self.index)
@@ -1072,6 +1088,8 @@ class DemoDataset(torch.utils.data.Dataset):
             state = np.concatenate([state, normalize(ep["states"][max(t - 1, 0)], self.stats["state"])])
         if self.plan_vecs is not None:
             state = np.concatenate([state, self.plan_vecs[e]])  # (... + PLAN_DIM,)
+        if self.grips is not None:
+            state = np.concatenate([state, self.grips[e][t]])  # (... + GRIPPER_DIM,)
         if self.relative:
             return e, t, normalize(chunk_deltas(ep, t, self.chunk), self.stats["delta"]), state
         return e, t, normalize(chunk_actions(ep, t, self.chunk), self.stats["action"]), state
@@ -1091,7 +1109,7 @@ class DemoDataset(torch.utils.data.Dataset):
         images = preprocess_image(np.stack([self.eps[e]["images"][t] for e, t, _, _ in batch]), self.image_size)
         tokens, mask = pad_batch([self.prompts[e] for e, _, _, _ in batch], self.pad)
         actions = torch.from_numpy(np.stack([b[2] for b in batch]))  # (B, chunk, 6)
-        state = torch.from_numpy(np.stack([b[3] for b in batch]))     # (B, 6 [+ 6] [+ PLAN_DIM])
+        state = torch.from_numpy(np.stack([b[3] for b in batch]))     # (B, 6 [+ 6] [+ PLAN_DIM] [+ GRIPPER_DIM])
         return images, tokens, mask, actions, state, self.where_labels(batch)
 
     def where_labels(self, batch):

@@ -892,6 +892,7 @@ class Policy:
         self.written_plan = bool(config.get("written_plan", False))  # the planner writes its answer first
         self.plan_numbers = bool(config.get("plan_numbers", False))  # ... and the DiT reads its numbers too
         self.prev_state = bool(config.get("prev_state", False))  # the DiT also reads the previous step's state
+        self.gripper_point = bool(config.get("gripper_point", False))  # ... and where the jaws are in the picture
         self.last_plan = None  # the text of the last written plan (eval.py draws it on GIFs)
         self.use_state = bool(config["use_state"])
         self.relative = bool(config.get("relative_actions", False))  # chunks are (action - state at planning)
@@ -974,6 +975,8 @@ class Policy:
             if self.plan_numbers:  # the plan written on the first frame, as numbers (data.plan_vector)
                 plan = self.data.plan_vector(self.tok.decode(self.plan[1]), self.image_size)
                 state_norm = np.concatenate([state_norm, plan])  # (... + PLAN_DIM,), the layout of training
+            if self.gripper_point:  # the jaws in the picture, from the joint state (data.gripper_vector)
+                state_norm = np.concatenate([state_norm, self.data.gripper_vector(state, self.image_size)])
             state_norm = torch.from_numpy(state_norm)[None].to(self.device)
         chunk = self.vla.predict_actions(image, tokens, None, state_norm, self.n_ddim, self.generator,
                                          self.noise_scale, self.samples)  # (1, Hc, 6)

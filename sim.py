@@ -662,6 +662,38 @@ class SO100Env:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Where the jaws are in the picture, from the joint angles alone (forward kinematics + the camera's projection)
+
+_ARM_MODELS = {}  # image_size -> (MjModel, MjData) of one fixed table: only the arm's links matter here
+
+
+def gripper_pixel(states, image_size: int = 96) -> np.ndarray:
+    """The jaws' grasp point as the front camera sees it: states (..., 6) joint radians -> (..., 2) pixels.
+
+    Forward kinematics (mj_kinematics with the arm's joints set) and then `project`, the projection of every
+    label: the same number as info["ee_pixel"] of a frame with that state (default look; the optional camera
+    jitter of randomize=True moves it by about 1 px). It needs no picture, only the joint angles, which a real
+    arm reports too, and a camera placed as the simulator's is (as any policy trained here assumes).
+    train_action.py --gripper-point hands it to the action expert beside the written plan's place point, in
+    the same units, so "the object is over its container" is two numbers being equal."""
+    if image_size not in _ARM_MODELS:
+        env = SO100Env(image_size, render=False)
+        env.reset(seed=0)  # any table: objects do not move the arm or the camera
+        _ARM_MODELS[image_size] = (env.model, env.data)
+    m, d = _ARM_MODELS[image_size]
+    states = np.asarray(states, np.float64)
+    if states.shape[-1] != 6:
+        raise ValueError(f"gripper_pixel needs joint states of shape (..., 6), got {states.shape}")
+    site = m.site("grasp").id
+    flat = states.reshape(-1, 6)
+    points = np.empty((len(flat), 3))
+    for i, q in enumerate(flat):
+        d.qpos[:6] = q
+        mujoco.mj_kinematics(m, d)  # link poses only: no contacts, no dynamics (microseconds)
+        points[i] = d.site_xpos[site]
+    return project(m, d, points, image_size, image_size).reshape(states.shape[:-1] + (2,))
+
+# ----------------------------------------------------------------------------------------------------------
 # Which renderer drew the pictures? The same scene drawn by two OpenGL backends (Mesa's software llvmpipe on a
 # laptop, NVIDIA's driver on a GPU box) differs in a few pixels, and a policy trained on one backend's pictures
 # does far worse on the other's (EXPERIMENTS.md, closed-loop item 19: 6% against 14% for the same recipe). Data folders

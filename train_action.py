@@ -92,6 +92,10 @@ class Config:
                                  # Diffusion Policy reads 2 observation steps), against the end of the lift looking
                                  # like the start of the lowering in one frame. No clear gain alone (EXPERIMENTS.md,
                                  # item 15); part of the measured recipe (item 20), so both variants get it
+    gripper_point: bool = False  # the DiT also reads where the jaws are in the picture (data.gripper_vector: forward
+                                 # kinematics of the joint state, then the camera), in the units of the plan's
+                                 # place point. Against the carry that is set down short of its container
+                                 # (EXPERIMENTS.md, item 23)
     early_fraction: float = 0.3  # share of each batch from the first data.EARLY_STEPS frames of an episode
     demo_noise: float = 0.08     # DART: std (rad) of held offsets on the expert's executed actions
                                  # (data.generate_demos); both variants learn from the same demonstrations
@@ -182,6 +186,8 @@ def parse_config(argv=None) -> Config:
     if cfg.prev_state and not cfg.use_state:
         p.error("--prev-state adds the previous joint state to the state the DiT reads: it needs --use-state "
                 "(to train without the state, add --no-prev-state --no-plan-numbers)")
+    if cfg.gripper_point and not cfg.use_state:
+        p.error("--gripper-point adds the jaws' place in the picture to the state the DiT reads: it needs --use-state")
     if cfg.written_plan and not cfg.spatial_prompt:
         p.error("--written-plan is the planner's answer to the spatial prompt: it needs --spatial-prompt "
                 "(to train without the prompt, add --no-written-plan --no-plan-numbers)")
@@ -255,9 +261,11 @@ def main(argv=None):
     if cfg.relative_actions:  # per-step ranges of (action - state), from the training episodes only
         stats = {**stats, "delta": data.compute_delta_stats(train_eps, cfg.chunk_len)}
     train_set = data.DemoDataset(train_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions,
-                                 cfg.held_labels, cfg.written_plan, cfg.plan_numbers, cfg.prev_state)
+                                 cfg.held_labels, cfg.written_plan, cfg.plan_numbers, cfg.prev_state,
+                                 cfg.gripper_point)
     val_set = data.DemoDataset(val_eps, tok, stats, cfg.chunk_len, cfg.spatial_prompt, cfg.relative_actions,
-                               cfg.held_labels, cfg.written_plan, cfg.plan_numbers, cfg.prev_state)
+                               cfg.held_labels, cfg.written_plan, cfg.plan_numbers, cfg.prev_state,
+                               cfg.gripper_point)
     log(f"demos: {len(episodes)} successful episodes, {len(train_set)} training frames, {len(val_set)} validation")
     ground_set = None
     if cfg.cotrain:
@@ -276,7 +284,8 @@ def main(argv=None):
 
     # -- model -------------------------------------------------------------------------------------------
     acfg = ActionExpertConfig(chunk_len=cfg.chunk_len, use_state=cfg.use_state, d_model=cfg.d_action,
-                              state_dim=6 * (1 + cfg.prev_state) + (data.PLAN_DIM if cfg.plan_numbers else 0),
+                              state_dim=6 * (1 + cfg.prev_state) + (data.PLAN_DIM if cfg.plan_numbers else 0)
+                              + (data.GRIPPER_DIM if cfg.gripper_point else 0),
                               n_layers=cfg.action_layers, n_queries=cfg.n_queries, where_head=cfg.where_weight > 0)
     if cfg.from_stage1:
         model, s1_config, fresh = VLA.from_planner_checkpoint(cfg.stage1, acfg)
@@ -291,7 +300,7 @@ def main(argv=None):
             model.load_state_dict(loaded.state_dict())
         except RuntimeError as e:
             raise ValueError(f"--init-from {cfg.init_from}: its networks differ from this run's settings (same "
-                             f"--written-plan/--plan-numbers/--prev-state/sizes needed): {str(e)[:300]}") from None
+                             f"--written-plan/--plan-numbers/--prev-state/--gripper-point/sizes needed): {str(e)[:300]}") from None
         stats = ck["norm_stats"]  # keep the numbers' meaning: the checkpoint's normalisation, not a recomputed one
         train_set.stats = val_set.stats = stats
         log(f"weights from {cfg.init_from} (its step {ck.get('step')})")
@@ -333,7 +342,8 @@ def main(argv=None):
         save_checkpoint(ckpt_dir, model, {
             "stage": 2, "step": step, "variant": cfg.variant, "train_config": asdict(cfg),
             "image_size": cfg.image_size, "spatial_prompt": cfg.spatial_prompt, "written_plan": cfg.written_plan,
-            "plan_numbers": cfg.plan_numbers, "prev_state": cfg.prev_state, "chunk_len": cfg.chunk_len,
+            "plan_numbers": cfg.plan_numbers, "prev_state": cfg.prev_state, "gripper_point": cfg.gripper_point,
+            "chunk_len": cfg.chunk_len,
             "use_state": cfg.use_state, "relative_actions": cfg.relative_actions, "norm_stats": stats,
             "tokenizer": data.ranks_to_json(data.load_ranks()),
             "render_reference": render_reference,

@@ -539,3 +539,23 @@ def test_takeover_demos_label_only_the_experts_frames(tmp_path, monkeypatch):
     data.generate_takeover_demos("fake/ckpt", only, 2, progress=False, after_lift_only=True)
     eps = data.read_demo_episodes(only, successful_only=False)
     assert len(eps) == 2 and not any(ep["success"] or ep["label_mask"].any() for ep in eps)
+
+
+def test_gripper_point_follows_the_plan_and_is_the_jaws_place_in_the_picture(tok):
+    """DemoDataset(gripper_point=True): after the state (and the plan's numbers) come two numbers, where the jaws
+    are in the picture at that frame (data.gripper_vector of its joint state), in the plan's units."""
+    import sim
+
+    T = 3
+    states = np.stack([sim.HOME, sim.HOME + 0.2, sim.HOME - 0.1]).astype(np.float32)
+    ep = {"actions": np.zeros((T, 6), np.float32), "states": states,
+          "images": np.zeros((T, 64, 64, 3), np.uint8), "instruction": "put the red cube in the blue bowl",
+          "target_box": np.tile([[16, 32, 48, 60]], (T, 1)).astype(np.float32),
+          "container_box": np.zeros((T, 4), np.float32), "target_point": np.tile([[8.0, 32.0]], (T, 1))}
+    stats = data.compute_norm_stats([ep])
+    ds = data.DemoDataset([ep], tok, stats, 4, written_plan=True, plan_numbers=True, gripper_point=True)
+    *_, state, _ = ds.collate([ds[0], ds[2]])
+    assert state.shape == (2, 6 + data.PLAN_DIM + data.GRIPPER_DIM)
+    want = sim.gripper_pixel(states[[0, 2]], 64) / 64 * 2 - 1
+    assert np.allclose(state[:, -2:].numpy(), want, atol=1e-6)
+    assert not np.allclose(want[0], want[1])  # the arm moved, so did its place in the picture

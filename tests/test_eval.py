@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import data
 import eval as evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +74,14 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
                            os.path.join(out, "stage1", "ckpt"), "--resume", "--max-steps", "4", "--muon-lr", "0",
                            "--out", mu, "--no-progress"])
+    # --gripper-point: the DiT reads two more numbers; the checkpoint says so and drives a closed-loop episode
+    gp = os.path.join(out, "gp")
+    train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1",
+                       os.path.join(out, "stage1", "ckpt"), "--gripper-point", "--max-steps", "2",
+                       "--eval-interval", "2", "--out", gp, "--no-progress"])
+    gpol = Policy.load(os.path.join(gp, "ckpt"))
+    assert gpol.gripper_point and gpol.vla.expert.config.state_dim == 12 + data.PLAN_DIM + data.GRIPPER_DIM
+    assert evaluation.run_suite(gpol, "seen", 1, progress=False)["episodes"] == 1
     with pytest.raises(ValueError, match="extra-repeat"):
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--extra-demos", demo_dir,
                            "--extra-repeat", "0", "--out", ft + "3", "--no-progress"])

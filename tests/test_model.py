@@ -679,6 +679,33 @@ def test_plan_numbers_reach_the_action_expert_beside_the_state(monkeypatch):
     assert np.allclose(seen["state"][0].numpy(), want, atol=1e-6)
 
 
+def test_gripper_point_policies_read_the_jaws_place_from_the_joint_state(monkeypatch):
+    """A --gripper-point checkpoint: after the state the DiT reads data.gripper_vector of that state (the layout
+    of DemoDataset(gripper_point=True)); train_action.py refuses the flag without the state."""
+    import numpy as np
+
+    import data
+    import sim
+    import train_action
+    from model import Policy
+
+    tok = data.get_tokenizer()
+    vla = VLA(tiny_planner_config(vocab_size=tok.n_vocab, max_text_len=64),
+              tiny_action_config(use_state=True, state_dim=6 + data.GRIPPER_DIM))
+    stats = {"action": {"low": [-1.0] * 6, "high": [1.0] * 6}, "state": {"low": [-2.0] * 6, "high": [2.0] * 6}}
+    config = {"tokenizer": data.ranks_to_json(data.load_ranks()), "image_size": 24, "spatial_prompt": False,
+              "gripper_point": True, "use_state": True, "norm_stats": stats, "chunk_len": 4}
+    policy = Policy(vla, config, threads=0)
+    seen = []
+    real = vla.predict_actions
+    monkeypatch.setattr(vla, "predict_actions", lambda im, tk, pm, st, *a: seen.append(st[0].numpy()) or real(im, tk, pm, st, *a))
+    state = sim.HOME.astype(np.float32)
+    policy.act({"image": np.zeros((24, 24, 3), np.uint8), "state": state}, "pick up the cube")
+    assert np.allclose(seen[0], np.r_[state / 2, sim.gripper_pixel(state, 24) / 24 * 2 - 1], atol=1e-6)
+    with pytest.raises(SystemExit):
+        train_action.parse_config(["--gripper-point", "--no-use-state", "--no-prev-state", "--no-plan-numbers"])
+
+
 def test_prev_state_policies_read_the_state_of_the_previous_step(monkeypatch):
     """A --prev-state checkpoint: the DiT reads [state now, state one act() earlier]; on an episode's first
     step (after reset) the current state stands in for the missing earlier one, as in training's frame 0."""

@@ -189,3 +189,35 @@ def test_the_reference_frame_is_drawn_the_same_again_and_a_changed_picture_is_me
     changed[:8] = np.clip(changed[:8] + 40, 0, 255)  # a quarter of the rows brighter
     expected = np.abs(changed - ref).mean()
     assert expected > 1 and sim.picture_difference(changed.astype(np.uint8)) == pytest.approx(expected)
+
+
+def test_gripper_pixel_from_the_joint_angles_is_where_the_jaws_are_drawn():
+    """sim.gripper_pixel (forward kinematics, then the camera) equals the projection of the jaws' grasp point of
+    any table in that state, lies on the jaws' drawn pixels, and keeps the batch shape of its input."""
+    import mujoco
+
+    env = sim.SO100Env(image_size=96)
+    rng = np.random.default_rng(0)
+    states, pixels = [], []
+    for seed in (3, 4):  # two different tables: objects do not change where the arm is
+        obs, _ = env.reset(seed=seed)
+        for _ in range(6):
+            obs, *_ = env.step(obs["state"] + rng.normal(0, 0.15, 6))
+        mujoco.mj_kinematics(env.model, env.data)  # the site as of the state now (mj_step leaves it a substep old)
+        site = env.data.site_xpos[env.model.site("grasp").id]
+        want = sim.project(env.model, env.data, site[None], 96, 96)[0]
+        got = sim.gripper_pixel(obs["state"], 96)
+        assert got.shape == (2,) and np.allclose(got, want, atol=1e-3)
+        # the jaws' drawn pixels surround it (the grasp point sits between the jaws' tips)
+        seg = env.render(segmentation=True)
+        jaw_bodies = {env.model.body("gripper").id, env.model.body("moving_jaw").id}
+        geoms = [g for g in range(env.model.ngeom) if env.model.geom_bodyid[g] in jaw_bodies]
+        rows, cols = np.nonzero(np.isin(seg, geoms))
+        assert cols.min() - 3 <= got[0] <= cols.max() + 3 and rows.min() - 3 <= got[1] <= rows.max() + 3
+        states.append(obs["state"])
+        pixels.append(got)
+    batch = sim.gripper_pixel(np.stack(states)[None], 96)  # (1, 2, 6) -> (1, 2, 2)
+    assert batch.shape == (1, 2, 2) and np.allclose(batch[0], np.stack(pixels))
+    assert np.allclose(sim.gripper_pixel(states[0], 48), pixels[0] / 2, atol=1e-3)  # scales with the image
+    with pytest.raises(ValueError, match="6"):
+        sim.gripper_pixel(np.zeros(5), 96)
