@@ -94,8 +94,8 @@ class Config:
                                  # item 15); part of the measured recipe (item 20), so both variants get it
     gripper_point: bool = False  # the DiT also reads where the jaws are in the picture (data.gripper_vector: forward
                                  # kinematics of the joint state, then the camera), in the units of the plan's
-                                 # place point. Against the carry that is set down short of its container
-                                 # (EXPERIMENTS.md, item 23)
+                                 # place point. Tried against the carry set down short of its container: success
+                                 # fell from 39.5% to 25.8% (EXPERIMENTS.md, item 24), so it is off
     early_fraction: float = 0.3  # share of each batch from the first data.EARLY_STEPS frames of an episode
     demo_noise: float = 0.08     # DART: std (rad) of held offsets on the expert's executed actions
                                  # (data.generate_demos); both variants learn from the same demonstrations
