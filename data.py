@@ -1043,8 +1043,9 @@ class DemoDataset(torch.utils.data.Dataset):
 
     collate -> images (B,3,H,W), tokens (B,L), pad_mask (B,L), actions (B,chunk,6) normalised,
                state (B,6) normalised (then the previous step's with prev_state, then the plan's numbers with
-               plan_numbers, then the jaws' place in the picture with gripper_point), where (B,4) object and container centres in [0, 1] (or None;
-               the object's are NaN while it is off the table, unless held_labels).
+               plan_numbers, then the jaws' place in the picture with gripper_point), where (B,4) object and
+               container centres in [0, 1] (or None; the object's are NaN while it is off the table, unless
+               held_labels).
     """
 
     def __init__(self, episodes: list, tok: tiktoken.Encoding, stats: dict, chunk: int = 8,

@@ -675,7 +675,8 @@ def gripper_pixel(states, image_size: int = 96) -> np.ndarray:
     jitter of randomize=True moves it by about 1 px). It needs no picture, only the joint angles, which a real
     arm reports too, and a camera placed as the simulator's is (as any policy trained here assumes).
     train_action.py --gripper-point hands it to the action expert beside the written plan's place point, in
-    the same units, so "the object is over its container" is two numbers being equal."""
+    the same units, so "the object is over its container" is two numbers being equal (measured: it did not
+    help; EXPERIMENTS.md, item 24)."""
     if image_size not in _ARM_MODELS:
         env = SO100Env(image_size, render=False)
         env.reset(seed=0)  # any table: objects do not move the arm or the camera
@@ -692,6 +693,7 @@ def gripper_pixel(states, image_size: int = 96) -> np.ndarray:
         mujoco.mj_kinematics(m, d)  # link poses only: no contacts, no dynamics (microseconds)
         points[i] = d.site_xpos[site]
     return project(m, d, points, image_size, image_size).reshape(states.shape[:-1] + (2,))
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Which renderer drew the pictures? The same scene drawn by two OpenGL backends (Mesa's software llvmpipe on a

@@ -300,7 +300,8 @@ def main(argv=None):
             model.load_state_dict(loaded.state_dict())
         except RuntimeError as e:
             raise ValueError(f"--init-from {cfg.init_from}: its networks differ from this run's settings (same "
-                             f"--written-plan/--plan-numbers/--prev-state/--gripper-point/sizes needed): {str(e)[:300]}") from None
+                             f"--written-plan/--plan-numbers/--prev-state/--gripper-point/sizes needed): "
+                             f"{str(e)[:300]}") from None
         stats = ck["norm_stats"]  # keep the numbers' meaning: the checkpoint's normalisation, not a recomputed one
         train_set.stats = val_set.stats = stats
         log(f"weights from {cfg.init_from} (its step {ck.get('step')})")
