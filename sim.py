@@ -664,7 +664,7 @@ class SO100Env:
 # ----------------------------------------------------------------------------------------------------------
 # Where the jaws are in the picture, from the joint angles alone (forward kinematics + the camera's projection)
 
-_ARM_MODELS = {}  # image_size -> (MjModel, MjData) of one fixed table: only the arm's links matter here
+_ARM_MODEL = []  # [(MjModel, MjData)] of one fixed table, built on first use: only the arm's links matter here
 
 
 def gripper_pixel(states, image_size: int = 96) -> np.ndarray:
@@ -677,11 +677,11 @@ def gripper_pixel(states, image_size: int = 96) -> np.ndarray:
     train_action.py --gripper-point hands it to the action expert beside the written plan's place point, in
     the same units, so "the object is over its container" is two numbers being equal (measured: it did not
     help; EXPERIMENTS.md, item 24)."""
-    if image_size not in _ARM_MODELS:
-        env = SO100Env(image_size, render=False)
+    if not _ARM_MODEL:  # the image size enters only through `project`
+        env = SO100Env(render=False)
         env.reset(seed=0)  # any table: objects do not move the arm or the camera
-        _ARM_MODELS[image_size] = (env.model, env.data)
-    m, d = _ARM_MODELS[image_size]
+        _ARM_MODEL.append((env.model, env.data))
+    m, d = _ARM_MODEL[0]
     states = np.asarray(states, np.float64)
     if states.shape[-1] != 6:
         raise ValueError(f"gripper_pixel needs joint states of shape (..., 6), got {states.shape}")
