@@ -59,11 +59,15 @@ class Config:
     vit_layers: int = 2
     lm_layers: int = 4
     n_heads: int = 4
+    tie_head: bool = True        # the output head is the token embedding (model.PlannerConfig.tie_head)
     coord_sigma: float = 1.0     # std (px) of the Gaussian target over number tokens; 0 = plain cross-entropy
     batch_size: int = 16         # scenes per step (with --no-packed: questions per step)
     curriculum_scenes: int = 2000  # extra training tables with 1 object and 1 container ...
     curriculum_steps: int = 500  # ... that the first steps train on (0 = no curriculum); see CURRICULUM below
     curriculum_batch_size: int = 32  # those tables are small (~5 questions), so twice as many per step
+    pair_steps: int = 0          # then this many steps on tables with TWO objects and one container, where the
+                                 # answer turns on the object's colour and shape (CURRICULUM below); 0 = skip
+    pair_scenes: int = 2000      # training tables made for that phase
     counterfactual_prompts: int = 0  # per training table, this many more spatial prompts naming another object
                                      # (data.scene_questions; its own data folder); 2: no clear gain (EXPERIMENTS.md)
     patch_aux: float = 0.0       # weight of an auxiliary loss naming each patch's colour and shape
@@ -102,7 +106,7 @@ class Config:
 PRESETS = {
     "smoke": dict(train_scenes=24, test_scenes=8, eval_scenes=8, image_size=48, d_model=64, vit_layers=1,
                   lm_layers=1, batch_size=4, max_steps=30, warmup=5, log_interval=10, eval_interval=30,
-                  curriculum_scenes=8, curriculum_steps=10, curriculum_batch_size=4),
+                  curriculum_scenes=8, curriculum_steps=10, curriculum_batch_size=4, pair_scenes=8),
     "default": dict(),
     # full: the default's data and model, 12000 steps. Measured on an H100 (EXPERIMENTS.md, "Stage 1 on a GPU"): box
     # Acc@0.5 99.0%, point 99.3%, trace DFD 0.95 px on the 300 test scenes, in 6.2 min of training. Between
@@ -159,6 +163,16 @@ def lr_at(step: int, cfg: Config) -> float:
     start = cfg.warmup if cfg.schedule == "cosine" else max(cfg.warmup, int(cfg.max_steps * (1 - cfg.decay_fraction)))
     t = min(1.0, max(0.0, step - start) / max(1, cfg.max_steps - start))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def curriculum_phase(step: int, cfg: Config) -> str:
+    """Which tables step `step` trains on: "one" (1 object, 1 container) for the first curriculum_steps, then
+    "two" (2 objects, 1 container) for pair_steps, then "full" (sim.py's tables) to the end."""
+    if step < cfg.curriculum_steps:
+        return "one"
+    if step < cfg.curriculum_steps + cfg.pair_steps:
+        return "two"
+    return "full"
 
 
 def shuffled_batches(dataset, batch_size: int, rng: np.random.Generator):
@@ -255,6 +269,13 @@ def main(argv=None):
                                 progress=cfg.progress, n_objects=(1, 1), n_containers=(1, 1))
         easy_set = data.GroundingDataset(easy_dir, tok, max_scenes=cfg.curriculum_scenes, packed=cfg.packed,
                                          patch_size=aux_patch, lookup_patch=aux_look)
+    pair_set = None
+    if cfg.pair_steps > 0:  # 2 objects + 1 container per table, their own seeds
+        pair_dir = os.path.join(cfg.data_dir, f"grounding_pair_{cfg.image_size}")
+        data.generate_grounding(pair_dir, cfg.pair_scenes, "train", cfg.seed + 2, cfg.image_size,
+                                progress=cfg.progress, n_objects=(2, 2), n_containers=(1, 1))
+        pair_set = data.GroundingDataset(pair_dir, tok, max_scenes=cfg.pair_scenes, packed=cfg.packed,
+                                         patch_size=aux_patch, lookup_patch=aux_look)
     test_images, test_qa = data.load_grounding(test_dir, max_scenes=cfg.test_scenes)
     eval_qa = [q for q in test_qa if q["image"] < cfg.eval_scenes]
     print(f"train: {len(train_set.images)} scenes, {len(train_set.qa)} questions | test: {len(test_images)} scenes, "
@@ -263,7 +284,7 @@ def main(argv=None):
     # -- model --------------------------------------------------------------------------------------------
     mcfg = PlannerConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=tok.n_vocab, number_values=data.number_values(tok), prompt_in_prefix=not cfg.packed,
                          d_model=cfg.d_model, vit_layers=cfg.vit_layers, lm_layers=cfg.lm_layers, n_heads=cfg.n_heads,
-                         coord_sigma=cfg.coord_sigma, patch_classes=data.patch_classes() if cfg.patch_aux else ())
+                         coord_sigma=cfg.coord_sigma, tie_head=cfg.tie_head, patch_classes=data.patch_classes() if cfg.patch_aux else ())
     model = Planner(mcfg).to(device)
     print(f"planner: {count_params(model) / 1e6:.2f}M parameters, {mcfg.n_image_tokens} image tokens")
 
@@ -318,13 +339,16 @@ def main(argv=None):
     rng = np.random.default_rng(init_seed + step)  # batch order
     full_batches = shuffled_batches(train_set, cfg.batch_size, rng)
     easy_batches = shuffled_batches(easy_set, cfg.curriculum_batch_size, rng) if easy_set is not None else None
+    pair_batches = shuffled_batches(pair_set, cfg.batch_size, rng) if pair_set is not None else None
     model.train()
     t0, t_last = time.time(), time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="stage 1", disable=not cfg.progress, unit="step")
     while step < cfg.max_steps:
-        easy = easy_set is not None and step < cfg.curriculum_steps  # the curriculum's first phase
-        dataset = easy_set if easy else train_set
-        items = next(easy_batches if easy else full_batches)
+        phase = curriculum_phase(step, cfg)  # "one" -> "two" -> "full" (CURRICULUM above)
+        easy, pair = phase == "one", phase == "two"
+        dataset, batches = {"one": (easy_set, easy_batches), "two": (pair_set, pair_batches),
+                            "full": (train_set, full_batches)}[phase]
+        items = next(batches)
         n_questions = sum(len(pairs) for _, pairs in items)
         batch = [x.to(device) for x in dataset.collate(items)]
         lr = lr_at(step, cfg)
@@ -362,6 +386,7 @@ def main(argv=None):
             eta = dt * (cfg.max_steps - step) / 60
             tqdm.write(f"step {step:6d} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
                        f"{n_questions / dt:.0f} questions/s | eta {eta:.1f} min" + (" | curriculum: 1-object tables" if easy else "")
+                       + (" | curriculum: 2-object tables" if pair else "")
                        + (f" | patch loss {patch_loss.item():.3f}" if cfg.patch_aux else "")
                        + (f" | lookup loss {lookup_loss.item():.3f}" if cfg.lookup_aux else ""))
         if step % cfg.eval_interval == 0 and step < cfg.max_steps:

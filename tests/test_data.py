@@ -180,6 +180,17 @@ def test_curriculum_tables_have_one_object_and_one_container(tmp_path):
         assert len(boxes) == 3  # one box question per item on the table, and the spatial prompt's
 
 
+def test_pair_curriculum_tables_have_two_objects_that_the_words_tell_apart(tmp_path):
+    d = str(tmp_path / "pair")
+    data.generate_grounding(d, 6, seed=4, image_size=48, progress=False, n_objects=(2, 2), n_containers=(1, 1))
+    _, qa = data.load_grounding(d)
+    for i in range(6):
+        boxes = [q for q in qa if q["image"] == i and q["kind"] == "box"]
+        assert len(boxes) == 4  # two objects, one container, and the spatial prompt
+        items = boxes[:3]
+        assert len({q["question"] for q in items}) == 3 and len({q["answer"] for q in items}) == 3
+
+
 def test_collate_packs_questions_and_aligns_targets(tok):
     images = np.zeros((2, 32, 32, 3), np.uint8)
     qa = [dict(kind="box", question="where is the red cube?", answer="[1,2,3,4]", image=0, label=[1, 2, 3, 4]),

@@ -173,6 +173,24 @@ def test_planner_forward_backward_shapes():
 
 
 
+def test_untied_head_has_its_own_matrix_and_survives_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    pcfg = tiny_planner_config(tie_head=False)
+    planner = Planner(pcfg).eval()
+    images, tokens, _, targets, _, _ = tiny_batch(pcfg=pcfg)
+    assert count_params(planner) == count_params(Planner(tiny_planner_config())) + pcfg.vocab_size * pcfg.d_model
+    with torch.no_grad():  # the head reads out_emb, not tok_emb
+        before = planner(images, tokens)[0]
+        planner.out_emb.weight.add_(0.1)
+        assert not torch.allclose(before, planner(images, tokens)[0])
+    _, loss, _ = planner.train()(images, tokens, targets)
+    loss.backward()
+    assert planner.out_emb.weight.grad is not None and planner.tok_emb.weight.grad is not None
+    save_checkpoint(tmp_path / "ck", planner.eval(), {"step": 1})
+    again, _ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(planner(images, tokens)[0], again.eval()(images, tokens)[0])
+
+
 def test_patch_head_is_optional_and_its_loss_reaches_the_image_path():
     assert not hasattr(Planner(tiny_planner_config()), "patch_head")  # older checkpoints load unchanged
     pcfg = tiny_planner_config(patch_classes=(4, 3))
@@ -617,6 +635,14 @@ def test_wsd_schedule_holds_the_rate_until_its_decay_and_both_schedules_end_at_m
     with pytest.raises(SystemExit):  # an unknown schedule is refused at the command line, with the choices
         train_grounding.parse_config(["--schedule", "linear"])
     assert "cosine or wsd" in capsys.readouterr().err
+
+
+def test_curriculum_goes_from_one_object_to_two_to_full_tables():
+    cfg = train_grounding.Config(curriculum_steps=500, pair_steps=300)
+    phases = [train_grounding.curriculum_phase(s, cfg) for s in (0, 499, 500, 799, 800, 5000)]
+    assert phases == ["one", "one", "two", "two", "full", "full"]
+    assert train_grounding.curriculum_phase(0, train_grounding.Config(curriculum_steps=0, pair_steps=0)) == "full"
+    assert train_grounding.curriculum_phase(0, train_grounding.Config(curriculum_steps=0, pair_steps=10)) == "two"
 
 
 def test_several_samples_keep_the_medoid_so_one_odd_draw_is_outvoted(monkeypatch):
