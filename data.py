@@ -561,6 +561,24 @@ def patch_classes() -> tuple:
     return (len(sim.PALETTE) + 1, len(sim.SHAPES) + len(sim.CONTAINERS) + 1)
 
 
+def patch_word_targets(tok, vocab_size: int) -> tuple:
+    """The words each patch label class is called by, as target distributions over the vocabulary, for the
+    --word-aux loss (model.Planner.word_loss): (colours (C+1, V), shapes (S+1, V)) float32 tensors; row k is
+    class k of data.patch_labels (row 0, the bare table, is all zero). A shape's mass is split over its
+    synonyms ("cube" and "block"), each the space-prefixed token the questions spell it with."""
+    import sim
+    def rows(names_per_class):
+        t = torch.zeros(len(names_per_class) + 1, vocab_size)
+        for k, names in enumerate(names_per_class, start=1):
+            for w in names:
+                ids = tok.encode(" " + w)
+                if len(ids) != 1:
+                    raise ValueError(f"the word {w!r} is {len(ids)} tokens; --word-aux needs one token per word")
+                t[k, ids[0]] += 1.0 / len(names)
+        return t
+    return rows([(c,) for c in sim.PALETTE]), rows([sim.SYNONYMS[s] for s in sim.SHAPES + sim.CONTAINERS])
+
+
 def patch_overlap(box, image_size: int, patch_size: int) -> np.ndarray:
     """(g, g) pixels of the rectangle box = (x1, y1, x2, y2) that fall in each image patch (g = image_size //
     patch_size), rows and columns like the planner's image tokens."""

@@ -443,6 +443,21 @@ class Planner(nn.Module):
                   for k, part in enumerate(logits.split(list(self.config.patch_classes), dim=-1))]
         return sum(losses) / len(losses)
 
+    def word_loss(self, img, labels, word_targets):
+        """Auxiliary loss: each image token names what its patch shows in the planner's own words. img (B,P,d)
+        image tokens (as they enter the language model, or its last layer), labels (B,2,P) int64
+        (data.patch_labels: colour, shape; 0 = table), word_targets (colours (C+1,V), shapes (S+1,V)) from
+        data.patch_word_targets. The output head (the token embedding when tied) scores the vocabulary at each
+        patch that shows an item; the target puts half its mass on the colour word, half on the shape's words.
+        Why: --patch-aux taught the image tokens colour and shape in a code of their own, and the answers did
+        not improve; here the code is the words' embeddings themselves, so "red" in the question and a red
+        patch start out as the same direction and the look-up only has to match like with like."""
+        colours, shapes = (t.to(img.device) for t in word_targets)
+        logp = F.log_softmax(self.head(img).float(), dim=-1)  # (B, P, V)
+        target = 0.5 * colours[labels[:, 0]] + 0.5 * shapes[labels[:, 1]]  # (B, P, V)
+        keep = labels[:, 0] > 0  # (B, P) patches that show an item
+        return -(target[keep] * logp[keep]).sum(-1).mean()
+
     def lookup_loss(self, x_in, layer: int, targets):
         """Auxiliary loss: make one attention head look where the answer lies. x_in (B,P+L,d) is the input of
         language block `layer` (caught by a forward pre-hook, see train_grounding.py), targets (B,L,P) a

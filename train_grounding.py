@@ -72,6 +72,10 @@ class Config:
                                      # (data.scene_questions; its own data folder); 2: no clear gain (EXPERIMENTS.md)
     patch_aux: float = 0.0       # weight of an auxiliary loss naming each patch's colour and shape
                                  # (model.Planner.patch_loss; needs --packed); 0 = off: no gain (EXPERIMENTS.md)
+    word_aux: float = 0.0        # weight of an auxiliary loss that makes each image token name what it shows IN
+                                 # WORDS, through the output head ("red", "cube": the same embeddings the
+                                 # questions are made of; model.Planner.word_loss; needs --packed); 0 = off
+    word_aux_at: str = "input"   # input: the image tokens as they enter the language model; output: its last layer
     lookup_aux: float = 0.0      # weight of an auxiliary loss that points one attention head of the language
                                  # model at the patches each answer lies in (model.Planner.lookup_loss; --packed)
     lookup_layer: int = 1        # which language block's head 0 it supervises (0 = the first)
@@ -148,6 +152,8 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.schedule not in ("cosine", "wsd"):
         p.error(f"--schedule must be cosine or wsd, not {cfg.schedule!r}")
+    if cfg.word_aux_at not in ("input", "output"):
+        p.error(f"--word-aux-at must be input or output, not {cfg.word_aux_at!r}")
     if cfg.lookup_aux and not cfg.packed:
         p.error("--lookup-aux needs packed rows (drop --no-packed)")
     if cfg.lookup_aux and not 0 <= cfg.lookup_layer < cfg.lm_layers:
@@ -258,7 +264,10 @@ def main(argv=None):
     data.generate_grounding(test_dir, cfg.test_scenes, "test", cfg.seed, cfg.image_size, progress=cfg.progress)
     if cfg.patch_aux and not cfg.packed:
         raise ValueError("--patch-aux needs packed rows (drop --no-packed)")
-    aux_patch = cfg.patch_size if cfg.patch_aux else 0  # > 0: batches carry patch labels (data.patch_labels)
+    if cfg.word_aux and not cfg.packed:
+        raise ValueError("--word-aux needs packed rows (drop --no-packed)")
+    # > 0: batches carry patch labels (data.patch_labels)
+    aux_patch = cfg.patch_size if (cfg.patch_aux or cfg.word_aux) else 0
     aux_look = cfg.patch_size if cfg.lookup_aux else 0  # > 0: batches carry lookup targets (data.lookup_target)
     train_set = data.GroundingDataset(train_dir, tok, max_scenes=cfg.train_scenes, packed=cfg.packed,
                                       patch_size=aux_patch, lookup_patch=aux_look)
@@ -330,6 +339,11 @@ def main(argv=None):
         model.train()
         return metrics, answers
 
+    image_tokens = {}  # --word-aux at the input: a hook keeps the projector's output (the image tokens) in training
+    word_targets = data.patch_word_targets(tok, mcfg.vocab_size) if cfg.word_aux else None
+    if cfg.word_aux and cfg.word_aux_at == "input":
+        model.projector.register_forward_hook(
+            lambda module, args, out: image_tokens.update(x=out) if module.training else None)
     block_input = {}  # --lookup-aux reads the input of one language block: a pre-hook keeps it during training
     if cfg.lookup_aux:
         model.lm_blocks[cfg.lookup_layer].register_forward_pre_hook(
@@ -365,6 +379,10 @@ def main(argv=None):
             if cfg.patch_aux:
                 patch_loss = model.patch_loss(hidden, batch[5])
                 total = total + cfg.patch_aux * patch_loss
+            if cfg.word_aux:
+                img = image_tokens.pop("x") if cfg.word_aux_at == "input" else hidden[:, : mcfg.n_image_tokens]
+                word_loss = model.word_loss(img, batch[5], word_targets)
+                total = total + cfg.word_aux * word_loss
             if cfg.lookup_aux:
                 lookup_loss = model.lookup_loss(block_input.pop("x"), cfg.lookup_layer, batch[-1])
                 total = total + cfg.lookup_aux * lookup_loss
@@ -382,12 +400,14 @@ def main(argv=None):
             dt = (time.time() - t_last) / cfg.log_interval
             t_last = time.time()
             history.append({"step": step, "loss": loss.item(), "lr": lr,
-                            **({"lookup_loss": lookup_loss.item()} if cfg.lookup_aux else {})})
+                            **({"lookup_loss": lookup_loss.item()} if cfg.lookup_aux else {}),
+                            **({"word_loss": word_loss.item()} if cfg.word_aux else {})})
             eta = dt * (cfg.max_steps - step) / 60
             tqdm.write(f"step {step:6d} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
                        f"{n_questions / dt:.0f} questions/s | eta {eta:.1f} min" + (" | curriculum: 1-object tables" if easy else "")
                        + (" | curriculum: 2-object tables" if pair else "")
                        + (f" | patch loss {patch_loss.item():.3f}" if cfg.patch_aux else "")
+                       + (f" | word loss {word_loss.item():.3f}" if cfg.word_aux else "")
                        + (f" | lookup loss {lookup_loss.item():.3f}" if cfg.lookup_aux else ""))
         if step % cfg.eval_interval == 0 and step < cfg.max_steps:
             metrics, _ = evaluate(eval_qa)

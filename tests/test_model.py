@@ -238,6 +238,37 @@ def test_lookup_loss_is_head_zeros_attention_over_the_image_and_it_can_be_learne
     assert loss.item() < 0.5 * math.log(P)
 
 
+def test_word_loss_scores_the_item_words_at_item_patches_only_and_trains_the_words():
+    pcfg = tiny_planner_config()
+    planner = Planner(pcfg)
+    V, P, d = pcfg.vocab_size, pcfg.n_image_tokens, pcfg.d_model
+    colours, shapes = torch.zeros(3, V), torch.zeros(2, V)
+    colours[1, 7], colours[2, 8] = 1.0, 1.0  # colour class 1 is token 7, class 2 token 8
+    shapes[1, 9], shapes[1, 10] = 0.5, 0.5  # shape class 1 has two synonyms
+    labels = torch.zeros(2, 2, P, dtype=torch.long)
+    labels[0, :, 3] = torch.tensor([1, 1])  # image 0, patch 3 shows (colour 1, shape 1); all else is table
+    img = torch.randn(2, P, d, requires_grad=True)
+    loss = planner.word_loss(img, labels, (colours, shapes))
+    logp = torch.log_softmax(planner.head(img[0, 3]), -1)
+    assert loss.item() == pytest.approx(-(0.5 * logp[7] + 0.25 * logp[9] + 0.25 * logp[10]).item(), rel=1e-4)
+    loss.backward()
+    assert img.grad[0, 3].abs().sum() > 0 and img.grad[0, :3].abs().sum() == 0 and img.grad[1].abs().sum() == 0
+    assert planner.tok_emb.weight.grad[7].abs().sum() > 0  # the colour word's own embedding moves too
+
+
+def test_patch_word_targets_spell_each_class_with_the_questions_tokens():
+    import data
+    import sim
+    tok = data.get_tokenizer()
+    colours, shapes = data.patch_word_targets(tok, tok.n_vocab)
+    assert colours[0].sum() == 0 and shapes[0].sum() == 0  # class 0 is the bare table
+    assert torch.allclose(colours[1:].sum(1), torch.ones(len(sim.PALETTE)))
+    red = 1 + list(sim.PALETTE).index("red")
+    assert colours[red, tok.encode(" red")[0]] == 1.0
+    cube = 1 + list(sim.SHAPES + sim.CONTAINERS).index("cube")
+    assert shapes[cube, tok.encode(" cube")[0]] == 0.5 and shapes[cube, tok.encode(" block")[0]] == 0.5
+
+
 def test_lookup_flags_are_checked_before_any_data_is_made(capsys):
     with pytest.raises(SystemExit):
         train_grounding.parse_config(["--lookup-aux", "1", "--lookup-layer", "4"])
@@ -246,6 +277,9 @@ def test_lookup_flags_are_checked_before_any_data_is_made(capsys):
         train_grounding.parse_config(["--lookup-aux", "1", "--no-packed"])
     assert "packed rows" in capsys.readouterr().err
     assert train_grounding.parse_config(["--lookup-aux", "1", "--lookup-layer", "3"]).lookup_layer == 3
+    with pytest.raises(SystemExit):
+        train_grounding.parse_config(["--word-aux", "1", "--word-aux-at", "middle"])
+    assert "input or output" in capsys.readouterr().err
 
 
 def test_stage2_variants_set_the_written_plan_and_conflicting_flags_are_refused(capsys):
