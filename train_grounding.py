@@ -18,7 +18,10 @@ pixel coordinates of its input image, trained with plain next-token cross-entrop
 The first 500 steps train on tables with one object and one container, the rest on sim.py's full tables (the
 CURRICULUM comment below says why); number tokens are scored against a Gaussian over neighbouring values
 (model.Planner.answer_loss). The weight matrices of the transformer blocks train with Muon (model.Muon, which
-orthogonalizes each update), everything else with AdamW.
+orthogonalizes each update), everything else with AdamW. One auxiliary loss rides along (--word-aux): at the
+language model's last layer, each image token that shows an item must name it in the vocabulary's own words
+("red", "cube"), through the same output head the answers come from. It is what binds the question's words to
+the right object within the default's 2600 steps (model.Planner.word_loss).
 
 The script reads straight down: settings -> data -> model -> optimizer -> loop (log line + progress bar,
 periodic held-out evaluation, checkpoint) -> final evaluation, plots and metrics.json.
@@ -72,10 +75,12 @@ class Config:
                                      # (data.scene_questions; its own data folder); 2: no clear gain (EXPERIMENTS.md)
     patch_aux: float = 0.0       # weight of an auxiliary loss naming each patch's colour and shape
                                  # (model.Planner.patch_loss; needs --packed); 0 = off: no gain (EXPERIMENTS.md)
-    word_aux: float = 0.0        # weight of an auxiliary loss that makes each image token name what it shows IN
+    word_aux: float = 1.0        # weight of an auxiliary loss that makes each image token name what it shows IN
                                  # WORDS, through the output head ("red", "cube": the same embeddings the
-                                 # questions are made of; model.Planner.word_loss; needs --packed); 0 = off
-    word_aux_at: str = "input"   # input: the image tokens as they enter the language model; output: its last layer
+                                 # questions are made of; model.Planner.word_loss; needs --packed); 0 = off.
+                                 # 2600 steps: box 95.2% against 59.8-62.6% without (EXPERIMENTS.md, "Word aux")
+    word_aux_at: str = "output"  # output: the image tokens at the language model's last layer (box 93.5% at 3200
+                                 # steps); input: as they enter it (82.5%)
     lookup_aux: float = 0.0      # weight of an auxiliary loss that points one attention head of the language
                                  # model at the patches each answer lies in (model.Planner.lookup_loss; --packed)
     lookup_layer: int = 1        # which language block's head 0 it supervises (0 = the first)
@@ -115,11 +120,11 @@ PRESETS = {
     # full: the default's data and model, 12000 steps. Measured on an H100 (EXPERIMENTS.md, "Stage 1 on a GPU"): box
     # Acc@0.5 99.0%, point 99.3%, trace DFD 0.95 px on the 300 test scenes, in 6.2 min of training. Between
     # steps ~3000 and ~6000 the boxes jump from ~54% to ~98%: the words bind to the objects. On 2 CPU cores the
-    # same run would take ~70-130 min (estimated from the step time), which is why the default stops at 2600
-    # steps, before that jump. It was measured with AdamW alone (before Muon became the default), so it keeps
-    # that recipe. With Muon the jump comes sooner: the default run resumed to 5200 steps reached box 97.7%,
-    # point 98.0%, trace 2.03 px (~1 hour on 2 CPU cores; EXPERIMENTS.md, "Muon, twice the steps").
-    "full": dict(max_steps=12000, muon_lr=0.0),
+    # same run would take ~70-130 min (estimated from the step time). It was measured with AdamW alone and no
+    # --word-aux (before Muon and the word loss became the default), so it keeps that recipe. With Muon the jump
+    # comes sooner (the default of session 15 resumed to 5200 steps: box 97.7%, ~1 hour on 2 CPU cores), and with
+    # the word loss sooner still: between steps ~1000 and ~2000 (EXPERIMENTS.md, "Word aux").
+    "full": dict(max_steps=12000, muon_lr=0.0, word_aux=0.0),
 }
 
 
@@ -265,7 +270,7 @@ def main(argv=None):
     if cfg.patch_aux and not cfg.packed:
         raise ValueError("--patch-aux needs packed rows (drop --no-packed)")
     if cfg.word_aux and not cfg.packed:
-        raise ValueError("--word-aux needs packed rows (drop --no-packed)")
+        raise ValueError("--word-aux needs packed rows: drop --no-packed, or add --word-aux 0 to train without it")
     # > 0: batches carry patch labels (data.patch_labels)
     aux_patch = cfg.patch_size if (cfg.patch_aux or cfg.word_aux) else 0
     aux_look = cfg.patch_size if cfg.lookup_aux else 0  # > 0: batches carry lookup targets (data.lookup_target)
