@@ -161,6 +161,8 @@ def parse_config(argv=None) -> Config:
         p.error(f"--word-aux-at must be input or output, not {cfg.word_aux_at!r}")
     if cfg.lookup_aux and not cfg.packed:
         p.error("--lookup-aux needs packed rows (drop --no-packed)")
+    if cfg.word_aux and not cfg.packed:  # on by default, so say how to turn it off
+        p.error("--word-aux needs packed rows: drop --no-packed, or add --word-aux 0 to train without it")
     if cfg.lookup_aux and not 0 <= cfg.lookup_layer < cfg.lm_layers:
         p.error(f"--lookup-layer {cfg.lookup_layer}: the language model has blocks 0..{cfg.lm_layers - 1}")
     return cfg
@@ -269,8 +271,6 @@ def main(argv=None):
     data.generate_grounding(test_dir, cfg.test_scenes, "test", cfg.seed, cfg.image_size, progress=cfg.progress)
     if cfg.patch_aux and not cfg.packed:
         raise ValueError("--patch-aux needs packed rows (drop --no-packed)")
-    if cfg.word_aux and not cfg.packed:
-        raise ValueError("--word-aux needs packed rows: drop --no-packed, or add --word-aux 0 to train without it")
     # > 0: batches carry patch labels (data.patch_labels)
     aux_patch = cfg.patch_size if (cfg.patch_aux or cfg.word_aux) else 0
     aux_look = cfg.patch_size if cfg.lookup_aux else 0  # > 0: batches carry lookup targets (data.lookup_target)
@@ -345,7 +345,8 @@ def main(argv=None):
         return metrics, answers
 
     image_tokens = {}  # --word-aux at the input: a hook keeps the projector's output (the image tokens) in training
-    word_targets = data.patch_word_targets(tok, mcfg.vocab_size) if cfg.word_aux else None
+    word_targets = ([t.to(device) for t in data.patch_word_targets(tok, mcfg.vocab_size)]  # once, not per step
+                    if cfg.word_aux else None)
     if cfg.word_aux and cfg.word_aux_at == "input":
         model.projector.register_forward_hook(
             lambda module, args, out: image_tokens.update(x=out) if module.training else None)

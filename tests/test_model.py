@@ -280,6 +280,10 @@ def test_lookup_flags_are_checked_before_any_data_is_made(capsys):
     with pytest.raises(SystemExit):
         train_grounding.parse_config(["--word-aux", "1", "--word-aux-at", "middle"])
     assert "input or output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the word loss is on by default: --no-packed alone must say how to drop it
+        train_grounding.parse_config(["--no-packed"])
+    assert "--word-aux 0" in capsys.readouterr().err
+    assert not train_grounding.parse_config(["--no-packed", "--word-aux", "0"]).packed
 
 
 def test_stage2_variants_set_the_written_plan_and_conflicting_flags_are_refused(capsys):
