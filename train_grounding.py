@@ -75,10 +75,11 @@ class Config:
                                      # (data.scene_questions; its own data folder); 2: no clear gain (EXPERIMENTS.md)
     patch_aux: float = 0.0       # weight of an auxiliary loss naming each patch's colour and shape
                                  # (model.Planner.patch_loss; needs --packed); 0 = off: no gain (EXPERIMENTS.md)
-    word_aux: float = 1.0        # weight of an auxiliary loss that makes each image token name what it shows IN
+    word_aux: float = 2.0        # weight of an auxiliary loss that makes each image token name what it shows IN
                                  # WORDS, through the output head ("red", "cube": the same embeddings the
                                  # questions are made of; model.Planner.word_loss; needs --packed); 0 = off.
-                                 # 2600 steps: box 95.2% against 59.8-62.6% without (EXPERIMENTS.md, "Word aux")
+                                 # 2600 steps: box 92-95% against 59.8-62.6% without; weight 2 rather
+                                 # than 1 for the traces (DFD 5.8 against 6.5-7.7 px; EXPERIMENTS.md, "Word aux")
     word_aux_at: str = "output"  # output: the image tokens at the language model's last layer (box 93.5% at 3200
                                  # steps); input: as they enter it (82.5%)
     lookup_aux: float = 0.0      # weight of an auxiliary loss that points one attention head of the language
