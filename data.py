@@ -261,6 +261,19 @@ def trace_label(info: dict) -> np.ndarray:
     return t[[0, 1, 2, 4, 5]]
 
 
+def task_questions(info: dict, rng: np.random.Generator, image_size: int) -> tuple:
+    """The two questions about the task itself: where the object should go (a point, scored by landing in the
+    container) and the gripper's path (a trace). -> (place question, trace question) dicts."""
+    clip = lambda v: np.clip(np.asarray(v, float), 0, image_size - 1)  # noqa: E731 -- answers stay on the image
+    ins = info["instruction"]
+    q = PLACE_QUESTIONS[int(rng.integers(len(PLACE_QUESTIONS)))].format(instruction=ins)
+    place = dict(kind="place", question=q, answer=format_point(clip(info["target_point"])),
+                 label=list(info["target_point"]), region=info["container_box"])
+    trace = trace_label(info)
+    q = TRACE_QUESTIONS[int(rng.integers(len(TRACE_QUESTIONS)))].format(instruction=ins)
+    return place, dict(kind="trace", question=q, answer=format_trace(clip(trace)), label=trace.tolist())
+
+
 def scene_questions(info: dict, rng: np.random.Generator, image_size: int, counterfactual_prompts: int = 0) -> list:
     """Every grounding question we ask about one scene, with its answer text and the label to score it by.
     counterfactual_prompts > 0 adds that many more spatial prompts on the same table for tasks on *other*
@@ -283,17 +296,14 @@ def scene_questions(info: dict, rng: np.random.Generator, image_size: int, count
     q = POINT_QUESTIONS[int(rng.integers(len(POINT_QUESTIONS)))].format(name=f"{item['colour']} {word}")
     qa.append(dict(kind="point", question=q, answer=format_point(clip(centre)), label=centre, region=box))
     ins = info["instruction"]
-    q = PLACE_QUESTIONS[int(rng.integers(len(PLACE_QUESTIONS)))].format(instruction=ins)
-    qa.append(dict(kind="place", question=q, answer=format_point(clip(info["target_point"])),
-                   label=list(info["target_point"]), region=info["container_box"]))
+    place, trace = task_questions(info, rng, image_size)
+    qa.append(place)
     # the stage-2 spatial prompt itself, answered with the box of the object to pick: this is what ties the
     # prompt to grounding, so in stage 2 the planner's hidden state at its end already "points at" the key object
     box = info["target_box"]
     qa.append(dict(kind="box", question=SPATIAL_PROMPT.format(instruction=ins), answer=format_box(clip(box)),
                    label=list(map(float, box))))
-    trace = trace_label(info)
-    q = TRACE_QUESTIONS[int(rng.integers(len(TRACE_QUESTIONS)))].format(instruction=ins)
-    qa.append(dict(kind="trace", question=q, answer=format_trace(clip(trace)), label=trace.tolist()))
+    qa.append(trace)
     # the same picture and the same sentence with another object named: only binding the words to the objects
     # tells these answers apart. Drawn last, from their own stream, so the questions above stay as they were.
     crng = np.random.default_rng(int(rng.integers(2**62))) if counterfactual_prompts else None
@@ -394,11 +404,15 @@ def _atomic_savez(path: str, **arrays):
 
 def generate_grounding(out_dir: str, n_scenes: int, split: str = "train", seed: int = 0, image_size: int = 96,
                        shard_size: int = 250, progress: bool = True, n_objects=(2, 4), n_containers=(1, 2),
-                       counterfactual_prompts: int = 0) -> str:
+                       counterfactual_prompts: int = 0, counterfactual_containers: bool = False) -> str:
     """Write n_scenes grounding scenes as shards `shard_00000.npz` (images uint8 (n,H,W,3), qa JSON).
     Shards already on disk are kept, so an interrupted run continues where it stopped.
     n_objects / n_containers (inclusive ranges) default to sim.py's tables; train_grounding.py also makes a
-    set of (1, 1) tables for its curriculum."""
+    set of (1, 1) tables for its curriculum.
+    counterfactual_containers: on a table with two containers, also ask the place and trace questions of the
+    same object going into the OTHER container (sim.retarget_container; the scene is set up again with the same
+    poses, light and start, so labels come from the simulator as usual). Without them the planner sent 24% of
+    its test traces on two-container tables to the wrong container (EXPERIMENTS.md, "Wrong container")."""
     import sim
     from tqdm import tqdm
 
@@ -407,6 +421,8 @@ def generate_grounding(out_dir: str, n_scenes: int, split: str = "train", seed: 
                 n_objects=list(n_objects), n_containers=list(n_containers), questions=QUESTIONS_VERSION)
     if counterfactual_prompts:  # only then, so folders written before this option still match their meta
         meta["counterfactual_prompts"] = counterfactual_prompts
+    if counterfactual_containers:
+        meta["counterfactual_containers"] = True
     _check_meta(out_dir, meta)
     env = sim.SO100Env(image_size=image_size, split=split, n_objects=tuple(n_objects), n_containers=tuple(n_containers))
     n_shards = math.ceil(n_scenes / shard_size)
@@ -424,7 +440,13 @@ def generate_grounding(out_dir: str, n_scenes: int, split: str = "train", seed: 
             s = _scene_seed(seed, split, i)
             obs, info = env.reset(seed=s)
             images.append(obs["image"])
-            for q in scene_questions(info, np.random.default_rng(s), image_size, counterfactual_prompts):
+            questions = scene_questions(info, np.random.default_rng(s), image_size, counterfactual_prompts)
+            other = sim.retarget_container(info["scene"], np.random.default_rng([s, 1])) \
+                if counterfactual_containers else None  # its own random stream: the questions above stay as they were
+            if other is not None:  # the same first frame, another task: only its labels are used
+                _, info2 = env.reset(options={"scene": other, "look": env.look, "start": env.start})
+                questions += task_questions(info2, np.random.default_rng([s, 2]), image_size)
+            for q in questions:
                 q["image"] = i - lo
                 qa.append(q)
             bar.update(1)

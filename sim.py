@@ -190,6 +190,20 @@ def retarget(scene: dict, rng: np.random.Generator) -> dict | None:
     return _with_task(rng, scene, ti, tc)
 
 
+def retarget_container(scene: dict, rng: np.random.Generator) -> dict | None:
+    """The same table and the same object to pick, to go into a DIFFERENT container (freshly phrased), for the
+    counterfactual place and trace questions of data.generate_grounding: on a two-container table only the
+    container's words tell the answers apart. Keeps the split's rule on reserved combinations; None when no
+    other container allows it (a one-container table)."""
+    split, ti = scene["split"], scene["target_object"]
+    o = scene["objects"][ti]
+    options = [j for j, c in enumerate(scene["containers"]) if j != scene["target_container"]
+               and ((o["colour"], o["shape"], c["shape"]) in TEST_COMBOS) == (split == "test")]
+    if not options:
+        return None
+    return _with_task(rng, scene, ti, options[int(rng.integers(len(options)))])
+
+
 def _place(rng, objects, containers) -> bool:
     """Give every item a non-overlapping (x, y, yaw) within reach. Containers first: they are bigger."""
     placed = []  # (x, y, radius)

@@ -270,9 +270,11 @@ def main(argv=None):
     ground_set = None
     if cfg.cotrain:
         # co-training data: the stage-1 scenes plus mid-task frames of the demonstrations (the arm anywhere)
-        gdir = os.path.join(cfg.data_dir, f"grounding_train_{cfg.image_size}")
-        if not os.path.exists(gdir):
-            raise FileNotFoundError(f"co-training needs grounding data in {gdir}: run train_grounding.py first "
+        # (train_grounding.py's default folder has the counterfactual-container questions, "_cc"; older runs' not)
+        gdirs = [os.path.join(cfg.data_dir, f"grounding_train_{cfg.image_size}{s}") for s in ("_cc", "")]
+        gdir = next((d for d in gdirs if os.path.exists(d)), None)
+        if gdir is None:
+            raise FileNotFoundError(f"co-training needs grounding data in {gdirs[0]}: run train_grounding.py first "
                                     "(or pass --no-cotrain)")
         g_images, g_qa = data.load_grounding(gdir)
         d_images, d_qa = data.demo_grounding_qa(train_eps, np.random.default_rng(cfg.seed), len(g_qa) // 2,
@@ -280,7 +282,8 @@ def main(argv=None):
         for q in d_qa:
             q["image"] += len(g_images)
         ground_set = data.GroundingDataset(None, tok, images=np.concatenate([g_images, d_images]), qa=g_qa + d_qa)
-        log(f"co-training: {len(ground_set.qa)} grounding questions on {len(ground_set.image_ids)} images ({len(d_qa)} from demonstration frames)")
+        log(f"co-training: {len(ground_set.qa)} grounding questions on {len(ground_set.image_ids)} images ({len(d_qa)} "
+            f"from demonstration frames; the rest from {gdir})")
 
     # -- model -------------------------------------------------------------------------------------------
     acfg = ActionExpertConfig(chunk_len=cfg.chunk_len, use_state=cfg.use_state, d_model=cfg.d_action,

@@ -73,6 +73,9 @@ class Config:
     pair_scenes: int = 2000      # training tables made for that phase
     counterfactual_prompts: int = 0  # per training table, this many more spatial prompts naming another object
                                      # (data.scene_questions; its own data folder); 2: no clear gain (EXPERIMENTS.md)
+    counterfactual_containers: bool = True  # on two-container tables, also ask where the object goes and its path
+                                 # into the OTHER container (data.generate_grounding; its own data folder): the
+                                 # container's words then decide the answer (EXPERIMENTS.md, "Wrong container")
     patch_aux: float = 0.0       # weight of an auxiliary loss naming each patch's colour and shape
                                  # (model.Planner.patch_loss; needs --packed); 0 = off: no gain (EXPERIMENTS.md)
     word_aux: float = 2.0        # weight of an auxiliary loss that makes each image token name what it shows IN
@@ -264,11 +267,13 @@ def main(argv=None):
 
     # -- data: rendered once, resumable; test scenes come from the test split (reserved tasks, phrasings) ---
     tok = data.get_tokenizer()
-    cf = f"_cf{cfg.counterfactual_prompts}" if cfg.counterfactual_prompts else ""
+    cf = (f"_cf{cfg.counterfactual_prompts}" if cfg.counterfactual_prompts else "") + \
+        ("_cc" if cfg.counterfactual_containers else "")
     train_dir = os.path.join(cfg.data_dir, f"grounding_train_{cfg.image_size}{cf}")
     test_dir = os.path.join(cfg.data_dir, f"grounding_test_{cfg.image_size}")
     data.generate_grounding(train_dir, cfg.train_scenes, "train", cfg.seed, cfg.image_size, progress=cfg.progress,
-                            counterfactual_prompts=cfg.counterfactual_prompts)
+                            counterfactual_prompts=cfg.counterfactual_prompts,
+                            counterfactual_containers=cfg.counterfactual_containers)
     data.generate_grounding(test_dir, cfg.test_scenes, "test", cfg.seed, cfg.image_size, progress=cfg.progress)
     if cfg.patch_aux and not cfg.packed:
         raise ValueError("--patch-aux needs packed rows (drop --no-packed)")

@@ -156,6 +156,38 @@ def test_counterfactual_prompts_name_other_objects_and_keep_the_usual_questions(
             assert f"{o[0]['colour']} " in q["question"]
 
 
+def test_counterfactual_containers_ask_about_the_other_container_of_the_same_table(tmp_path):
+    d = str(tmp_path / "cc")
+    data.generate_grounding(d, 12, seed=0, image_size=48, shard_size=6, progress=False, counterfactual_containers=True)
+    plain = str(tmp_path / "plain")
+    data.generate_grounding(plain, 12, seed=0, image_size=48, shard_size=6, progress=False)
+    images, qa = data.load_grounding(d)
+    images0, qa0 = data.load_grounding(plain)
+    assert np.array_equal(images, images0)  # the same tables and pictures
+    n_two = 0
+    for i in range(len(images)):
+        mine = [q for q in qa if q["image"] == i]
+        usual = [q for q in qa0 if q["image"] == i]
+        assert mine[:len(usual)] == usual  # the usual questions are untouched
+        extra = mine[len(usual):]
+        if not extra:
+            continue
+        n_two += 1
+        assert [q["kind"] for q in extra] == ["place", "trace"]
+        place = [q for q in usual if q["kind"] == "place"][0]
+        trace = [q for q in usual if q["kind"] == "trace"][0]
+        # the other container: another region, another release point, the same start and grasp
+        assert extra[0]["region"] != place["region"]
+        assert not np.array_equal(data.parse_point(extra[0]["answer"]), data.parse_point(place["answer"]))
+        new, old = np.asarray(data.parse_trace(extra[1]["answer"])), np.asarray(data.parse_trace(trace["answer"]))
+        assert np.array_equal(new[:3], old[:3]) and not np.array_equal(new[-1], old[-1])
+        assert data.in_box(data.parse_point(extra[0]["answer"]), extra[0]["region"], 48)
+    assert n_two >= 2
+    with pytest.raises(ValueError, match="made with"):  # never mixed into a folder made without them
+        data.generate_grounding(plain, 12, seed=0, image_size=48, shard_size=6, progress=False,
+                                counterfactual_containers=True)
+
+
 def test_grounding_shards_are_deterministic_and_resumable(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     data.generate_grounding(a, 5, seed=1, image_size=48, shard_size=2, progress=False)

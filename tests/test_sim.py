@@ -156,6 +156,26 @@ def test_retarget_names_another_object_and_keeps_the_split_rule():
         assert n_changed > (200 if split == "train" else 0)
 
 
+def test_retarget_container_keeps_the_object_and_names_the_other_container():
+    rng = np.random.default_rng(2)
+    for split in ("train", "test"):
+        n_changed = 0
+        for _ in range(300):
+            sc = sim.sample_scene(rng, split)
+            other = sim.retarget_container(sc, rng)
+            if other is None:  # one container, or the other one would break the split's rule on combinations
+                o = sc["objects"][sc["target_object"]]
+                assert all(((o["colour"], o["shape"], c["shape"]) in sim.TEST_COMBOS) != (split == "test")
+                           for j, c in enumerate(sc["containers"]) if j != sc["target_container"])
+                continue
+            n_changed += 1
+            assert other["target_object"] == sc["target_object"] and other["target_container"] != sc["target_container"]
+            assert other["objects"] == sc["objects"] and other["containers"] == sc["containers"]
+            assert (other["combo"] in sim.TEST_COMBOS) == (split == "test")
+            assert other["containers"][other["target_container"]]["colour"] in other["instruction"]
+        assert n_changed > (100 if split == "train" else 0)
+
+
 def test_expert_taking_over_a_carried_target_carries_it_on_instead_of_starting_again():
     # another controller (here: a first expert) lifts the target; a fresh expert that takes over mid-lift must
     # plan from the carry -- jaws closed all the way to the container -- and still finish the task
