@@ -21,7 +21,10 @@ CURRICULUM comment below says why); number tokens are scored against a Gaussian 
 orthogonalizes each update), everything else with AdamW. One auxiliary loss rides along (--word-aux): at the
 language model's last layer, each image token that shows an item must name it in the vocabulary's own words
 ("red", "cube"), through the same output head the answers come from. It is what binds the question's words to
-the right object within the default's 2600 steps (model.Planner.word_loss).
+the right object within the default's 2600 steps (model.Planner.word_loss). And on tables with two containers
+the data also asks about the same object going into the *other* container (--counterfactual-containers), so
+the container's words, not a guess, decide where a trace ends. The default run (data included: ~14 minutes on
+2 CPU cores) reaches box Acc@0.5 ~93%, point ~94%, trace DFD ~3 px on the test split (README, "Stage 1").
 
 The script reads straight down: settings -> data -> model -> optimizer -> loop (log line + progress bar,
 periodic held-out evaluation, checkpoint) -> final evaluation, plots and metrics.json.
