@@ -150,8 +150,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train", n_objects=(2, 4
         containers = [dict(kind="container", shape=str(rng.choice(CONTAINERS)), colour=str(c)) for c in con_colours]
         # the task: which object into which container; reject draws whose combination is wrong for the split
         ti, tc = int(rng.integers(n_obj)), int(rng.integers(n_con))
-        combo = (objects[ti]["colour"], objects[ti]["shape"], containers[tc]["shape"])
-        if (combo in TEST_COMBOS) != (split == "test"):
+        if not _task_in_split(objects[ti], containers[tc], split):
             continue
         # every name must pick out exactly one thing: no two containers of the same kind+colour (colours differ)
         if not _place(rng, objects, containers):
@@ -173,17 +172,19 @@ def _with_task(rng, scene: dict, ti: int, tc: int) -> dict:
                 combo=combo)
 
 
+def _task_in_split(obj: dict, container: dict, split: str) -> bool:
+    """The split's rule: tasks whose (colour, shape, container shape) is in TEST_COMBOS belong to 'test' only."""
+    return ((obj["colour"], obj["shape"], container["shape"]) in TEST_COMBOS) == (split == "test")
+
+
 def retarget(scene: dict, rng: np.random.Generator) -> dict | None:
     """The same table (same items, same poses) with a task on a DIFFERENT object, for counterfactual
     demonstrations (data.generate_demos(paired=True)): two episodes whose first frames are identical and whose
     instructions and actions differ, so only the words can tell the policy which object to reach for.
     The container is drawn again (it may stay the same). Keeps the split's rule on reserved combinations;
     returns None when no other object allows it."""
-    split = scene["split"]
-    options = [(i, j) for i in range(len(scene["objects"])) if i != scene["target_object"]
-               for j in range(len(scene["containers"]))
-               if ((scene["objects"][i]["colour"], scene["objects"][i]["shape"], scene["containers"][j]["shape"])
-                   in TEST_COMBOS) == (split == "test")]
+    options = [(i, j) for i, o in enumerate(scene["objects"]) if i != scene["target_object"]
+               for j, c in enumerate(scene["containers"]) if _task_in_split(o, c, scene["split"])]
     if not options:
         return None
     ti, tc = options[int(rng.integers(len(options)))]
@@ -195,10 +196,9 @@ def retarget_container(scene: dict, rng: np.random.Generator) -> dict | None:
     counterfactual place and trace questions of data.generate_grounding: on a two-container table only the
     container's words tell the answers apart. Keeps the split's rule on reserved combinations; None when no
     other container allows it (a one-container table)."""
-    split, ti = scene["split"], scene["target_object"]
-    o = scene["objects"][ti]
+    ti = scene["target_object"]
     options = [j for j, c in enumerate(scene["containers"]) if j != scene["target_container"]
-               and ((o["colour"], o["shape"], c["shape"]) in TEST_COMBOS) == (split == "test")]
+               and _task_in_split(scene["objects"][ti], c, scene["split"])]
     if not options:
         return None
     return _with_task(rng, scene, ti, options[int(rng.integers(len(options)))])
