@@ -636,7 +636,8 @@ RECIPES = ("m1_plain", "vanilla_plain", "m1_plan", "vanilla_paired", "m1_plan_nu
 
 def run(cmd: list):
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run([sys.executable] + cmd, check=True)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), cmd[0])  # works from any folder
+    subprocess.run([sys.executable, script] + cmd[1:], check=True)
 
 
 def pipeline(args):

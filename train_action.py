@@ -39,6 +39,7 @@ success from 0/600 to 82/600 (EXPERIMENTS.md, closed-loop item 20).
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -52,6 +53,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from safetensors.torch import load_file, save_file
+
 from model import (VLA, Muon, ActionExpertConfig, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizers, pick_device,
                    save_checkpoint, save_optimizers)
 
@@ -123,8 +126,10 @@ class Config:
     n_noise: int = 4             # diffusion noise samples per planner pass (cheap extra targets)
     batch_size: int = 32         # robot samples per step
     grounding_batch: int = 32    # grounding questions per step (co-training)
-    max_steps: int = 2000        # on 2 cores ~1.3 s a step for m1 (~43 min), ~0.75 s for vanilla (25 min; no
-                                 # co-training batch, no plan), plus the demonstrations (~8 min for 1200)
+    max_steps: int = 2500        # on 2 cores ~0.6 s a step for m1 (~25 min), less for vanilla (no co-training batch,
+                                 # no plan), plus the demonstrations (~5 min for 1200). 2000 -> 4000 steps took
+                                 # success from 34.5% to 56.3% (EXPERIMENTS.md, item 25); 2500 is what the
+                                 # 60-minute pipeline leaves room for
     lr_planner: float = 1e-4     # per-module learning rates, in the paper's proportions (1 : 10 : 5); the low
                                  # planner rate keeps stage 1's grounding while the action loss pulls on it
     lr_action: float = 1e-3
@@ -139,7 +144,13 @@ class Config:
     eval_interval: int = 500     # validation loss on held-out episodes
     seed: int = 0
     device: str = "auto"
-    bf16: bool = True            # bfloat16 autocast where the hardware has it (model.autocast)
+    bf16: bool = False           # bfloat16 autocast (model.autocast). Off: on this project's 2-core CPU (AVX512-BF16,
+                                 # AMX) a stage-2 step took 750 ms with it and 590 ms without (the backward of
+                                 # these small matrices is slower in bfloat16); stage 1 gains from it and keeps it
+    ema: float = 0.998           # > 0: also keep an exponential moving average of the weights (decay warmed up as
+                                 # min(ema, (1 + step) / (10 + step))), as diffusion policies do; the checkpoint's
+                                 # model.safetensors holds the average (what eval.py and robot.py run), and
+                                 # train_weights.safetensors the raw weights that --resume continues from
     resume: bool = False
     progress: bool = True
     # planner size when it starts from scratch (from stage 1 it is read from the checkpoint)
@@ -203,6 +214,17 @@ def lr_scale(step: int, cfg: Config) -> float:
         return (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def update_average(avg: torch.nn.Module, model: torch.nn.Module, step: int, ema: float) -> float:
+    """One step of the weights' moving average: avg <- avg + (1 - decay) * (model - avg), parameter by parameter.
+    The decay is warmed up, min(ema, (1 + step) / (10 + step)) = 0.1, 0.18, 0.25 ... at steps 0, 1, 2, so the
+    average does not keep the untrained start for hundreds of steps. Returns the decay used."""
+    decay = min(ema, (1 + step) / (10 + step))
+    for a, p in zip(avg.parameters(), model.parameters()):
+        a.lerp_(p, 1 - decay)
+    return decay
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,12 +346,25 @@ def main(argv=None):
     opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
     muon = Muon(muon_params, lr=cfg.muon_lr, weight_decay=cfg.weight_decay) if muon_params else None
 
+    # The weights' moving average: a copy that is never trained, only pulled towards the trained weights after
+    # each step. It smooths out the last steps' noise, which a diffusion policy's rollouts are sensitive to.
+    ema_model = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
+    raw_path = os.path.join(ckpt_dir, "train_weights.safetensors")
+
     step, history, val_history = 0, [], []
     if cfg.resume:
         if not os.path.exists(os.path.join(ckpt_dir, "config.json")):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}; run without --resume to start fresh")
-        loaded, ck = load_checkpoint(ckpt_dir)
-        model.load_state_dict(loaded.state_dict())
+        loaded, ck = load_checkpoint(ckpt_dir)  # model.safetensors: the average when the run kept one
+        if ema_model is not None:
+            ema_model.load_state_dict(loaded.state_dict())
+        if os.path.exists(raw_path):
+            model.load_state_dict(load_file(raw_path), strict=True)
+        elif ck["train_config"].get("ema", 0) > 0:
+            raise FileNotFoundError(f"--resume: {raw_path} (the raw weights of a run with --ema) is missing; "
+                                    "start a fresh run in another --out")
+        else:
+            model.load_state_dict(loaded.state_dict())
         step, history, val_history = ck["step"], ck["history"], ck["val_history"]
         log(f"resumed from {ckpt_dir} at step {step}")
         if step >= cfg.max_steps and os.path.exists(os.path.join(cfg.out, "train_summary.json")):
@@ -343,7 +378,10 @@ def main(argv=None):
     def checkpoint():
         if not master:
             return
-        save_checkpoint(ckpt_dir, model, {
+        if ema_model is not None:  # the raw weights, for --resume (the same names as model.safetensors')
+            os.makedirs(ckpt_dir, exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, raw_path)
+        save_checkpoint(ckpt_dir, model if ema_model is None else ema_model, {
             "stage": 2, "step": step, "variant": cfg.variant, "train_config": asdict(cfg),
             "image_size": cfg.image_size, "spatial_prompt": cfg.spatial_prompt, "written_plan": cfg.written_plan,
             "plan_numbers": cfg.plan_numbers, "prev_state": cfg.prev_state, "gripper_point": cfg.gripper_point,
@@ -351,12 +389,13 @@ def main(argv=None):
             "use_state": cfg.use_state, "relative_actions": cfg.relative_actions, "norm_stats": stats,
             "tokenizer": data.ranks_to_json(data.load_ranks()),
             "render_reference": render_reference,
-            "history": history, "val_history": val_history})
+            "history": history, "val_history": val_history, "weights": "ema" if ema_model is not None else "raw"})
         save_optimizers(ckpt_dir, opt, muon)
 
     @torch.no_grad()
-    def validation_loss() -> float:
+    def validation_loss(model) -> float:
         """Action loss on held-out episodes with fixed noise, so the number is comparable across steps."""
+        was_training = model.training
         model.eval()
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(val_set), generator=g)[:256].tolist()
@@ -366,7 +405,7 @@ def main(argv=None):
             images, tokens, mask, actions, state = (x.to(device) for x in (images, tokens, mask, actions, state))
             torch.manual_seed(1)
             losses.append(model.action_loss(images, tokens, mask, actions, state if cfg.use_state else None, 1.0, 1).item())
-        model.train()
+        model.train(was_training)
         return float(np.mean(losses))
 
     # -- training loop --------------------------------------------------------------------------------------
@@ -405,6 +444,8 @@ def main(argv=None):
         opt.step()
         if muon is not None:
             muon.step()
+        if ema_model is not None:
+            update_average(ema_model, model, step, cfg.ema)
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -417,9 +458,13 @@ def main(argv=None):
                            f"lr x{scale:.2f} | {dt * 1000:.0f} ms/step | "
                            f"{cfg.batch_size * world / dt:.0f} samples/s | eta {dt * (cfg.max_steps - step) / 60:.1f} min")
         if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and master:
-            v = validation_loss()
+            v = validation_loss(model)
             val_history.append({"step": step, "val_action_loss": v})
-            tqdm.write(f"validation action loss @ {step}: {v:.4f}")
+            if ema_model is not None:
+                val_history[-1]["val_action_loss_ema"] = v_ema = validation_loss(ema_model)
+                tqdm.write(f"validation action loss @ {step}: {v:.4f} (the weights' average: {v_ema:.4f})")
+            else:
+                tqdm.write(f"validation action loss @ {step}: {v:.4f}")
             checkpoint()
     bar.close()
     if master:
@@ -427,6 +472,7 @@ def main(argv=None):
         with open(os.path.join(cfg.out, "train_summary.json"), "w") as f:
             json.dump({"variant": cfg.variant, "steps": step, "train_minutes": minutes, "device": device,
                        "world_size": world, "final_val_action_loss": val_history[-1]["val_action_loss"],
+                       "final_val_action_loss_ema": val_history[-1].get("val_action_loss_ema"),
                        "config": asdict(cfg)}, f, indent=2)
         log(f"wrote {ckpt_dir} ({minutes:.1f} min); evaluate it with: python eval.py --ckpt {ckpt_dir}")
     if ddp:

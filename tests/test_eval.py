@@ -82,6 +82,22 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     gpol = Policy.load(os.path.join(gp, "ckpt"))
     assert gpol.gripper_point and gpol.vla.expert.config.state_dim == 12 + data.PLAN_DIM + data.GRIPPER_DIM
     assert evaluation.run_suite(gpol, "seen", 1, progress=False)["episodes"] == 1
+    # --ema: model.safetensors is the weights' average, train_weights.safetensors the raw weights; --resume
+    # continues from the raw ones (and keeps averaging)
+    em = os.path.join(out, "ema")
+    args = ["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--stage1", os.path.join(out, "stage1", "ckpt"),
+            "--ema", "0.9", "--eval-interval", "2", "--out", em, "--no-progress"]
+    train_action.main(args + ["--max-steps", "2"])
+    from safetensors.torch import load_file
+    avg, cfg_em = load_checkpoint(os.path.join(em, "ckpt"))
+    raw = load_file(os.path.join(em, "ckpt", "train_weights.safetensors"))
+    assert cfg_em["weights"] == "ema" and raw.keys() == avg.state_dict().keys()
+    assert any(not torch.equal(raw[k], v) for k, v in avg.state_dict().items())
+    train_action.main(args + ["--max-steps", "4", "--resume"])
+    avg4, cfg4 = load_checkpoint(os.path.join(em, "ckpt"))
+    raw4 = load_file(os.path.join(em, "ckpt", "train_weights.safetensors"))
+    assert cfg4["step"] == 4 and any(not torch.equal(raw4[k], raw[k]) for k in raw)
+    assert any(not torch.equal(raw4[k], v) for k, v in avg4.state_dict().items())
     with pytest.raises(ValueError, match="extra-repeat"):
         train_action.main(["--preset", "smoke", "--data-dir", os.path.join(out, "data"), "--extra-demos", demo_dir,
                            "--extra-repeat", "0", "--out", ft + "3", "--no-progress"])

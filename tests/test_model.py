@@ -795,3 +795,15 @@ def test_prev_state_policies_read_the_state_of_the_previous_step(monkeypatch):
     policy.reset()  # a new episode forgets the old state
     policy.act({"image": image, "state": s1}, "pick up the cube")
     assert np.allclose(seen[2], np.r_[s1, s1] / 2)
+
+
+def test_weights_average_follows_the_warmed_up_decay():
+    """train_action.update_average: avg <- decay * avg + (1 - decay) * weights, decay = min(ema, (1+step)/(10+step))."""
+    import train_action
+    avg, w = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    a0 = avg.weight.detach().clone()
+    assert train_action.update_average(avg, w, 0, 0.999) == pytest.approx(0.1)  # warm-up: mostly the new weights
+    assert torch.allclose(avg.weight, 0.1 * a0 + 0.9 * w.weight)
+    a1 = avg.weight.detach().clone()
+    assert train_action.update_average(avg, w, 10**6, 0.99) == pytest.approx(0.99)  # later: the ema setting
+    assert torch.allclose(avg.weight, 0.99 * a1 + 0.01 * w.weight)
