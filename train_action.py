@@ -35,7 +35,8 @@ twice, two objects asked for), with the same batches (--early-fraction) and the 
 Both get the same number of steps and batch sizes: the same compute for the action loss.
 Optimizers: AdamW with the paper's per-module rates, except the weight matrices inside the DiT and query blocks,
 which train with Muon (model.Muon, --muon-lr 0.02; 0 gives AdamW alone). At 2000 steps Muon took closed-loop
-success from 0/600 to 82/600 (EXPERIMENTS.md, closed-loop item 20).
+success from 0/600 to 82/600 (EXPERIMENTS.md, closed-loop item 20). The checkpoint holds a moving average of
+the weights (--ema; the trained ones beside it, for --resume), and stage 2 runs in float32 (--bf16 was slower here).
 """
 
 import argparse
