@@ -51,11 +51,10 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
-from safetensors.torch import load_file, save_file
-
 from model import (VLA, Muon, ActionExpertConfig, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizers, pick_device,
                    save_checkpoint, save_optimizers)
 
