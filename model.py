@@ -787,12 +787,17 @@ class VLA(nn.Module):
         self.where = nn.Linear(a.d_model, 4) if a.where_head else None
 
     def forward(self, images, tokens, pad_mask, actions_norm, state_norm=None, grad_decay=0.5, n_noise=4,
-                grounding=None, where=None):
+                grounding=None, where=None, planner_states=None):
         """One co-training step's losses: (action loss, grounding loss or None, where loss or None).
         `grounding` is an optional (images, tokens, targets, prefix_len) batch; `where` (B, 4) the key object's
-        and the container's centres in [0, 1] image coordinates (needs where_head). Training goes through
-        forward so DistributedDataParallel sees it."""
-        cond = self.condition(images, tokens, pad_mask, grad_decay)  # (B, K, d_act), shared by both losses
+        and the container's centres in [0, 1] image coordinates (needs where_head). `planner_states` = (hidden
+        (B,P+L,d), key_pad (B,P+L)) computed earlier by planner.hidden_states: a frozen planner's output, so
+        the planner is not run at all (images/tokens/pad_mask are then unused). Training goes through forward
+        so DistributedDataParallel sees it."""
+        if planner_states is not None:
+            cond = self.queries(*planner_states)  # (B, K, d_act): the same as condition() with a frozen planner
+        else:
+            cond = self.condition(images, tokens, pad_mask, grad_decay)  # (B, K, d_act), shared by both losses
         a_loss = self.expert.loss(cond, actions_norm, state_norm, n_noise)
         g_loss = self.grounding_loss(*grounding) if grounding is not None else None
         w_loss = self.where_loss(cond, where) if where is not None else None

@@ -74,6 +74,9 @@ class Config:
     spatial_prompt: bool = True  # wrap the instruction in the paper's spatial prompt
     cotrain: bool = True         # a grounding batch every step, weighted by grounding_weight
     grad_decay: float = 0.5      # scale of the action loss's gradient into the planner
+    frozen_planner: bool = False  # the planner is not trained at all in stage 2 (needs --no-cotrain): its hidden
+                                 # states for every training frame are computed once (planner_cache) and each
+                                 # step runs only the queries and the DiT, several times cheaper a step
     grounding_weight: float = 0.1
     relative_actions: bool = False  # predict each chunk relative to the joint state; no gain (EXPERIMENTS.md)
     use_state: bool = True       # give the DiT the robot's joint state (the paper's released models leave it
@@ -204,6 +207,8 @@ def parse_config(argv=None) -> Config:
     if cfg.written_plan and not cfg.spatial_prompt:
         p.error("--written-plan is the planner's answer to the spatial prompt: it needs --spatial-prompt "
                 "(to train without the prompt, add --no-written-plan --no-plan-numbers)")
+    if cfg.frozen_planner and cfg.cotrain:
+        p.error("--frozen-planner keeps the planner as stage 1 left it, but co-training trains it: add --no-cotrain")
     if cfg.plan_numbers and not (cfg.written_plan and cfg.use_state):
         p.error("--plan-numbers gives the action expert the written plan's numbers beside the joint state: "
                 "it needs --written-plan and --use-state")
@@ -227,6 +232,28 @@ def update_average(avg: torch.nn.Module, model: torch.nn.Module, step: int, ema:
     for a, p in zip(avg.parameters(), model.parameters()):
         a.lerp_(p, 1 - decay)
     return decay
+
+
+@torch.no_grad()
+def planner_cache(model, dataset, device: str, batch_size: int = 64, progress: bool = True):
+    """--frozen-planner: the planner's hidden states for every item of `dataset`, computed once. A planner that
+    gets no gradient gives the same states for the same frame at every step, so the training steps read them
+    from here instead of running the planner forward (and backward) again.
+    Returns hidden (N, P+L, d) float16 (half the memory; a relative error ~5e-4) and key_pad (N, P+L) bool,
+    True = padding, every row padded to the longest prompt."""
+    L = max(len(p) for p in dataset.prompts)
+    P, d = model.planner_config.n_image_tokens, model.planner_config.d_model
+    hidden = torch.zeros(len(dataset), P + L, d, dtype=torch.float16)
+    key_pad = torch.ones(len(dataset), P + L, dtype=torch.bool)
+    was_training = model.training
+    model.eval()
+    for s in tqdm(range(0, len(dataset), batch_size), desc="planner states", disable=not progress, unit="batch"):
+        images, tokens, mask, *_ = dataset.collate([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))])
+        h, pad = model.planner.hidden_states(images.to(device), tokens.to(device), mask.to(device))  # (b, P+l, d)
+        hidden[s:s + len(h), :h.shape[1]] = h.cpu().half()
+        key_pad[s:s + len(h), :h.shape[1]] = pad.cpu()
+    model.train(was_training)
+    return hidden, key_pad
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -376,6 +403,13 @@ def main(argv=None):
     # under torchrun: DDP averages gradients across processes during backward (some parameters, e.g. the
     # planner's output head without co-training, get no gradient in a step: find_unused_parameters)
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
+    cache = None
+    if cfg.frozen_planner:
+        model.planner.requires_grad_(False)  # AdamW skips parameters without a gradient: no update, no decay
+        t_cache = time.time()
+        cache = planner_cache(model, train_set, device, progress=cfg.progress and master)
+        log(f"frozen planner: hidden states of {len(train_set)} frames, {tuple(cache[0].shape)} float16 "
+            f"({cache[0].numel() * 2 / 2**30:.2f} GiB), {time.time() - t_cache:.0f} s")
 
     def checkpoint():
         if not master:
@@ -422,9 +456,11 @@ def main(argv=None):
             g["lr"] = g["base_lr"] * scale
         if muon is not None:  # the same schedule, at Muon's own peak rate
             muon.param_groups[0]["lr"] = cfg.muon_lr * scale
-        batch = train_set.collate([train_set[i] for i in train_set.sample_indices(rng, cfg.batch_size, cfg.early_fraction)])
+        idx = train_set.sample_indices(rng, cfg.batch_size, cfg.early_fraction)
+        batch = train_set.collate([train_set[i] for i in idx])
         images, tokens, mask, actions, state, where = batch
         images, tokens, mask, actions, state = (x.to(device) for x in (images, tokens, mask, actions, state))
+        states = None if cache is None else (cache[0][idx].to(device).float(), cache[1][idx].to(device))
         where = where.to(device) if cfg.where_weight > 0 else None
         grounding = None
         if cfg.cotrain:  # co-training: a grounding batch every step, next-token loss on the answers
@@ -433,7 +469,7 @@ def main(argv=None):
         # the action loss's gradient reaches the planner scaled by grad_decay (model.scale_grad)
         with autocast(device.split(":")[0], cfg.bf16):
             a_loss, g_loss, w_loss = net(images, tokens, mask, actions, state if cfg.use_state else None,
-                                         cfg.grad_decay, cfg.n_noise, grounding, where)
+                                         cfg.grad_decay, cfg.n_noise, grounding, where, states)
         loss = a_loss if g_loss is None else a_loss + cfg.grounding_weight * g_loss
         loss = loss if w_loss is None else loss + cfg.where_weight * w_loss
         g_loss = torch.zeros(()) if g_loss is None else g_loss
