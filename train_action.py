@@ -24,6 +24,9 @@ expert, while grounding keeps being trained:
     python train_action.py --no-cotrain --out out/no_cotrain  # any single component off (also --no-from-stage1,
                                                               # --grad-decay 1.0; eval.py's ABLATION lists them,
                                                               # with what each needs off too)
+    python train_action.py --no-cotrain --frozen-planner      # stage 1's planner kept as it is: its hidden states are
+                                                              # computed once, each step trains only the queries
+                                                              # and the DiT (several times cheaper; success unmeasured)
     torchrun --nproc_per_node 4 train_action.py --preset full # several GPUs (PyTorch DDP)
 
 Variants (the paper's ablation): `m1` = stage-1 planner + spatial prompt + co-training + gradient decay
