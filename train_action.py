@@ -210,6 +210,9 @@ def parse_config(argv=None) -> Config:
     if cfg.written_plan and not cfg.spatial_prompt:
         p.error("--written-plan is the planner's answer to the spatial prompt: it needs --spatial-prompt "
                 "(to train without the prompt, add --no-written-plan --no-plan-numbers)")
+    if cfg.frozen_planner and not (cfg.from_stage1 or cfg.init_from):
+        p.error("--frozen-planner keeps the planner as it starts, and without --from-stage1 or --init-from that is "
+                "an untrained one: give a trained planner")
     if cfg.frozen_planner and cfg.cotrain:
         p.error("--frozen-planner keeps the planner as stage 1 left it, but co-training trains it: add --no-cotrain")
     if cfg.plan_numbers and not (cfg.written_plan and cfg.use_state):
@@ -403,16 +406,16 @@ def main(argv=None):
             log(f"already trained to {step} steps; nothing to do")  # keeps the finished run's summary
             return
         load_optimizers(ckpt_dir, ck["train_config"], cfg.muon_lr, opt, muon)
-    # under torchrun: DDP averages gradients across processes during backward (some parameters, e.g. the
-    # planner's output head without co-training, get no gradient in a step: find_unused_parameters)
-    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
     cache = None
-    if cfg.frozen_planner:
+    if cfg.frozen_planner:  # before DDP wraps the model: it registers the parameters that need a gradient
         model.planner.requires_grad_(False)  # AdamW skips parameters without a gradient: no update, no decay
         t_cache = time.time()
         cache = planner_cache(model, train_set, device, progress=cfg.progress and master)
         log(f"frozen planner: hidden states of {len(train_set)} frames, {tuple(cache[0].shape)} float16 "
             f"({cache[0].numel() * 2 / 2**30:.2f} GiB), {time.time() - t_cache:.0f} s")
+    # under torchrun: DDP averages gradients across processes during backward (some parameters, e.g. the
+    # planner's output head without co-training, get no gradient in a step: find_unused_parameters)
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
 
     def checkpoint():
         if not master:
