@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 
+import mujoco
 import numpy as np
 import torch
 
@@ -58,9 +59,10 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple:
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    from model import cpu_model
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__}
+            "python": platform.python_version(), "torch": torch.__version__, "mujoco": mujoco.__version__}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass
 
@@ -1085,6 +1086,19 @@ def pick_device(name: str) -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def cpu_model() -> str:
+    """The CPU's name (Linux: /proc/cpuinfo), else what platform knows. Kept with every result because the same
+    stage 1 learned on one CPU and not on another (EXPERIMENTS.md, item 27)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def autocast(device: str, enabled: bool = True):

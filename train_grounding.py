@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
-from model import (Muon, Planner, PlannerConfig, autocast, count_params, load_checkpoint, load_optimizers, pick_device, save_checkpoint,
+from model import (Muon, Planner, PlannerConfig, autocast, count_params, cpu_model, load_checkpoint, load_optimizers, pick_device, save_checkpoint,
                    save_optimizers)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,7 +438,7 @@ def main(argv=None):
     checkpoint(metrics)
     result = {"metrics": metrics, "train_seconds": train_time, "step": step, "preset": cfg.preset,
               "params": count_params(model), "device": device, "threads": torch.get_num_threads(),
-              "test_scenes": len(test_images)}
+              "cpu": cpu_model(), "bf16": cfg.bf16, "test_scenes": len(test_images)}
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     plot_curves(history, evals, os.path.join(cfg.out, "curves.png"))
