@@ -1105,10 +1105,10 @@ def autocast(device: str, enabled: bool = True):
     """bfloat16 autocast for training where the hardware has it, else a no-op context.
 
     Matrix products run in bfloat16 (8 bits of mantissa) while weights, optimizer state and the loss stay
-    float32. On a CPU with AVX512-BF16 (this project's machine) a stage-1 step takes ~360 instead of ~405 ms
-    (the matrix products alone gain more, ~1.3x); CPUs without it would emulate bfloat16 and get slower, so
-    there it is off. Evaluation and control stay in float32. (Stage 2's steps were slower with it on the same CPU,
-    750 against 590 ms, so train_action.py's --bf16 is off by default.)
+    float32. On an Intel CPU with AMX a stage-1 step took ~360 instead of ~405 ms, but on an AMD CPU with
+    AVX512-BF16 and no AMX the same stage 1 did not learn in bfloat16 (two seeds) and did in float32 (two seeds,
+    EXPERIMENTS.md, item 27), so both training scripts' --bf16 is off by default. CPUs without bfloat16 would
+    emulate it and get slower, so there it is a no-op. Evaluation and control stay in float32.
     """
     if enabled and device == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)

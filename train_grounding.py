@@ -114,7 +114,8 @@ class Config:
     init_seed: int = -1          # weights' initialisation and batch order; -1: the same as --seed. A new seed
                                  # regenerates the data; this one measures run-to-run luck on the same data
     device: str = "auto"         # auto picks cuda, then mps, then cpu
-    bf16: bool = True            # bfloat16 autocast where the hardware has it (~1.1x faster here; model.autocast)
+    bf16: bool = False           # bfloat16 autocast (model.autocast); off: on an AMD CPU without AMX it kept stage 1 from
+                                 # learning (EXPERIMENTS.md, item 27); on an Intel CPU with AMX it was ~1.1x faster
     resume: bool = False         # continue from OUT/ckpt (weights, optimizer, step)
     progress: bool = True        # tqdm progress bars
 
