@@ -1107,7 +1107,7 @@ def autocast(device: str, enabled: bool = True):
     Matrix products run in bfloat16 (8 bits of mantissa) while weights, optimizer state and the loss stay
     float32. On an Intel CPU with AMX a stage-1 step took ~360 instead of ~405 ms, but on an AMD CPU with
     AVX512-BF16 and no AMX the same stage 1 did not learn in bfloat16 (two seeds) and did in float32 (two seeds,
-    EXPERIMENTS.md, item 27), so both training scripts' --bf16 is off by default. CPUs without bfloat16 would
+    EXPERIMENTS.md, items 27-28), so both training scripts' --bf16 is off by default. CPUs without bfloat16 would
     emulate it and get slower, so there it is a no-op. Evaluation and control stay in float32.
     """
     if enabled and device == "cuda" and torch.cuda.is_bf16_supported():
