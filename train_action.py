@@ -152,9 +152,9 @@ class Config:
     eval_interval: int = 500     # validation loss on held-out episodes
     seed: int = 0
     device: str = "auto"
-    bf16: bool = False           # bfloat16 autocast (model.autocast). Off: on this project's 2-core CPU (AVX512-BF16,
-                                 # AMX) a stage-2 step took 750 ms with it and 590 ms without (the backward of
-                                 # these small matrices is slower in bfloat16); stage 1 gains from it and keeps it
+    bf16: bool = False           # bfloat16 autocast (model.autocast). Off: on the Intel Xeon (AVX512-BF16, AMX) a
+                                 # stage-2 step took 750 ms with it and 590 ms without (the backward of these small
+                                 # matrices is slower in bfloat16); stage 1 trains in float32 too (train_grounding.py)
     ema: float = 0.998           # > 0: also keep an exponential moving average of the weights (decay warmed up as
                                  # min(ema, (1 + step) / (10 + step))), as diffusion policies do; the checkpoint's
                                  # model.safetensors holds the average (what eval.py and robot.py run), and
