@@ -27,7 +27,8 @@ expert, while grounding keeps being trained:
     python train_action.py --no-cotrain --frozen-planner      # stage 1's planner kept as it is: its hidden states are
                                                               # computed once, each step trains only the queries
                                                               # and the DiT (6000 steps on one thread: 40.7%, against
-                                                              # 36.2% for 2500 default steps on two, EXPERIMENTS.md 28)
+                                                              # 36.2% for 2500 default steps on two, EXPERIMENTS.md 28;
+                                                              # --max-steps 8000 on two threads: 46.7%, item 29)
     torchrun --nproc_per_node 4 train_action.py --preset full # several GPUs (PyTorch DDP)
 
 Variants (the paper's ablation): `m1` = stage-1 planner + spatial prompt + co-training + gradient decay
@@ -80,8 +81,8 @@ class Config:
     grad_decay: float = 0.5      # scale of the action loss's gradient into the planner
     frozen_planner: bool = False  # the planner is not trained at all in stage 2 (needs --no-cotrain): its hidden
                                  # states for every training frame are computed once (planner_cache) and each
-                                 # step runs only the queries and the DiT (~360 ms a step on one thread,
-                                 # against ~700 ms on two for the default; EXPERIMENTS.md, item 28)
+                                 # step runs only the queries and the DiT (~220 ms a step on two threads,
+                                 # against ~700 ms for the default; EXPERIMENTS.md, items 28-29)
     grounding_weight: float = 0.1
     relative_actions: bool = False  # predict each chunk relative to the joint state; no gain (EXPERIMENTS.md)
     use_state: bool = True       # give the DiT the robot's joint state (the paper's released models leave it

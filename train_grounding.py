@@ -23,8 +23,11 @@ language model's last layer, each image token that shows an item must name it in
 ("red", "cube"), through the same output head the answers come from. It is what binds the question's words to
 the right object within the default's 2600 steps (model.Planner.word_loss). And on tables with two containers
 the data also asks about the same object going into the *other* container (--counterfactual-containers), so
-the container's words, not a guess, decide where a trace ends. The default run (data included: ~14 minutes on
-2 CPU cores) reaches box Acc@0.5 ~93%, point ~94%, trace DFD ~3 px on the test split (README, "Stage 1").
+the container's words, not a guess, decide where a trace ends. The default run (data included: 14.1 minutes on
+2 cores of an Intel Xeon in bfloat16, 23.5 in float32 on an AMD EPYC) reached box Acc@0.5 ~93%, point ~94%,
+trace DFD ~3 px on the test split (README, "Stage 1"). When the binding comes varies: of three float32 runs on
+the AMD CPU one was still at box 46.9% at step 2600, and resumed twice (--resume --max-steps 3600, then 4600)
+it reached 87.9% (EXPERIMENTS.md, closed-loop item 29). Check metrics.json's box_acc50 before stage 2.
 
 The script reads straight down: settings -> data -> model -> optimizer -> loop (log line + progress bar,
 periodic held-out evaluation, checkpoint) -> final evaluation, plots and metrics.json.
@@ -93,7 +96,7 @@ class Config:
     lookup_layer: int = 1        # which language block's head 0 it supervises (0 = the first)
     packed: bool = True          # pack all questions of a scene in one row (~3x cheaper per question); with
                                  # --no-packed the question joins the image in the bidirectional prefix
-    max_steps: int = 2600         # 500 curriculum steps (~0.5 s) + 2100 on full tables (~0.34 s): 20 min with the data
+    max_steps: int = 2600        # 500 curriculum steps + 2100 on full tables: 14-24 min with the data on 2 cores
     lr: float = 6e-4             # from scratch; the paper's 1e-5 is for fine-tuning a pre-trained VLM. With the
                                  # curriculum, 6e-4 and 1e-3 bind words to objects faster than 3e-4 (EXPERIMENTS.md)
     min_lr: float = 3e-5
