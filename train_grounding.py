@@ -24,10 +24,11 @@ language model's last layer, each image token that shows an item must name it in
 the right object within the default's 2600 steps (model.Planner.word_loss). And on tables with two containers
 the data also asks about the same object going into the *other* container (--counterfactual-containers), so
 the container's words, not a guess, decide where a trace ends. The default run (data included: 14.1 minutes on
-2 cores of an Intel Xeon in bfloat16, 23.5 in float32 on an AMD EPYC) reached box Acc@0.5 ~93%, point ~94%,
-trace DFD ~3 px on the test split (README, "Stage 1"). When the binding comes varies: of three float32 runs on
-the AMD CPU one was still at box 46.9% at step 2600, and resumed twice (--resume --max-steps 3600, then 4600)
-it reached 87.9% (EXPERIMENTS.md, closed-loop item 29). Check metrics.json's box_acc50 before stage 2.
+2 cores of an Intel Xeon, then in bfloat16) reached box Acc@0.5 ~93%, point ~94%, trace DFD ~3 px on the test
+split (README, "Stage 1"). In float32 on an AMD EPYC it took 23.5 minutes, and when the binding comes varies:
+of three float32 runs on that CPU one (that 23.5-minute run) was still at box 46.9% at step 2600, and resumed
+twice (--resume --max-steps 3600, then 4600) it reached 87.9% (EXPERIMENTS.md, closed-loop item 29). Check
+metrics.json's box_acc50 before stage 2.
 
 The script reads straight down: settings -> data -> model -> optimizer -> loop (log line + progress bar,
 periodic held-out evaluation, checkpoint) -> final evaluation, plots and metrics.json.
