@@ -77,12 +77,13 @@ class Config:
     stage1: str = "out/stage1/ckpt"  # the stage-1 planner checkpoint
     from_stage1: bool = True     # start the planner from stage 1 (else from scratch)
     spatial_prompt: bool = True  # wrap the instruction in the paper's spatial prompt
-    cotrain: bool = True         # a grounding batch every step, weighted by grounding_weight
-    grad_decay: float = 0.5      # scale of the action loss's gradient into the planner
+    # (the variant, VARIANTS below, sets cotrain / frozen_planner / max_steps: m1 is frozen, 6900 steps)
+    cotrain: bool = True         # a grounding batch every step, weighted by grounding_weight (the paper's recipe)
+    grad_decay: float = 0.5      # scale of the action loss's gradient into the planner (when it is trained)
     frozen_planner: bool = False  # the planner is not trained at all in stage 2 (needs --no-cotrain): its hidden
                                  # states for every training frame are computed once (planner_cache) and each
-                                 # step runs only the queries and the DiT (~220 ms a step on two threads,
-                                 # against ~700 ms for the default; EXPERIMENTS.md, items 28-29)
+                                 # step runs only the queries and the DiT (~185-220 ms a step on two threads,
+                                 # against ~600-700 ms co-trained; EXPERIMENTS.md, items 28-30). m1's default
     grounding_weight: float = 0.1
     relative_actions: bool = False  # predict each chunk relative to the joint state; no gain (EXPERIMENTS.md)
     use_state: bool = True       # give the DiT the robot's joint state (the paper's released models leave it
@@ -135,10 +136,9 @@ class Config:
     n_noise: int = 4             # diffusion noise samples per planner pass (cheap extra targets)
     batch_size: int = 32         # robot samples per step
     grounding_batch: int = 32    # grounding questions per step (co-training)
-    max_steps: int = 2500        # on 2 cores ~0.6 s a step for m1 (~25 min), less for vanilla (no co-training batch,
-                                 # no plan), plus the demonstrations (~5 min for 1200). 2000 -> 2500 steps took
-                                 # success from 34.5% to 46.8%, 5000 to 63.2% (EXPERIMENTS.md, items 25-26); 2500
-                                 # is what the 60-minute pipeline leaves room for
+    max_steps: int = 2500        # set by the variant: m1 (frozen) 6900, ~22-25 min on 2 cores; vanilla 3600, about
+                                 # the same wall time. Co-trained, 2500 steps take that long (~0.6 s a step); there
+                                 # 2000 -> 2500 steps took success from 34.5% to 46.8%, 5000 to 63.2% (items 25-26)
     lr_planner: float = 1e-4     # per-module learning rates, in the paper's proportions (1 : 10 : 5); the low
                                  # planner rate keeps stage 1's grounding while the action loss pulls on it
     lr_action: float = 1e-3
@@ -178,10 +178,15 @@ PRESETS = {
     "full": dict(demos=1500, max_steps=10000, eval_interval=1000),
 }
 VARIANTS = {
-    "m1": dict(from_stage1=True, spatial_prompt=True, cotrain=True, grad_decay=0.5, where_weight=10.0,
-               written_plan=True, plan_numbers=True),
-    "vanilla": dict(from_stage1=False, spatial_prompt=False, cotrain=False, grad_decay=1.0, where_weight=0.0,
-                    written_plan=False, plan_numbers=False),
+    # m1 keeps stage 1's planner frozen since session 29: from the same planner and in the same wall time
+    # (~25 min on 2 cores), 6900 frozen steps succeeded in 59-62% of the episodes, the paper's co-trained
+    # recipe (--no-frozen-planner --cotrain --max-steps 2500) in 38-47% (EXPERIMENTS.md, item 30)
+    "m1": dict(from_stage1=True, spatial_prompt=True, frozen_planner=True, cotrain=False, grad_decay=0.5,
+               where_weight=10.0, written_plan=True, plan_numbers=True, max_steps=6900),
+    # vanilla trains its whole network (~420 ms a step against m1's ~220 on the AMD EPYC): 3600 steps take
+    # about the wall time of m1's 6900, the same compute
+    "vanilla": dict(from_stage1=False, spatial_prompt=False, frozen_planner=False, cotrain=False, grad_decay=1.0,
+                    where_weight=0.0, written_plan=False, plan_numbers=False, max_steps=3600),
 }
 
 
@@ -191,7 +196,8 @@ def parse_config(argv=None) -> Config:
     pre.add_argument("--preset", default="default", choices=list(PRESETS))
     pre.add_argument("--variant", default="m1", choices=list(VARIANTS))
     known = pre.parse_known_args(argv)[0]
-    base = Config(preset=known.preset, variant=known.variant, **PRESETS[known.preset], **VARIANTS[known.variant])
+    # the variant sets the recipe and its step count; a preset's own settings (smoke's 20 steps) win over it
+    base = Config(preset=known.preset, variant=known.variant, **{**VARIANTS[known.variant], **PRESETS[known.preset]})
     if known.variant != "m1":
         base.out = f"out/{known.variant}"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre],
@@ -217,7 +223,9 @@ def parse_config(argv=None) -> Config:
         p.error("--frozen-planner keeps the planner as it starts, and without --from-stage1 or --init-from that is "
                 "an untrained one: give a trained planner")
     if cfg.frozen_planner and cfg.cotrain:
-        p.error("--frozen-planner keeps the planner as stage 1 left it, but co-training trains it: add --no-cotrain")
+        p.error("--frozen-planner (m1's default) keeps the planner as stage 1 left it, but co-training trains it: "
+                "for the paper's co-trained recipe give --no-frozen-planner --cotrain (and --max-steps 2500, "
+                "which takes about the wall time of m1's 6900 frozen steps)")
     if cfg.plan_numbers and not (cfg.written_plan and cfg.use_state):
         p.error("--plan-numbers gives the action expert the written plan's numbers beside the joint state: "
                 "it needs --written-plan and --use-state")

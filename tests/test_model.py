@@ -294,8 +294,14 @@ def test_stage2_variants_set_the_written_plan_and_conflicting_flags_are_refused(
     m1, van = train_action.parse_config([]), train_action.parse_config(["--variant", "vanilla"])
     assert m1.written_plan and m1.plan_numbers and m1.spatial_prompt
     assert not (van.written_plan or van.plan_numbers or van.spatial_prompt)
-    for key in ("paired_demos", "prev_state", "use_state", "demos", "max_steps", "batch_size", "demo_noise"):
+    for key in ("paired_demos", "prev_state", "use_state", "demos", "batch_size", "demo_noise"):
         assert getattr(m1, key) == getattr(van, key)
+    # m1 keeps stage 1's planner frozen and takes more (cheaper) steps; vanilla trains everything, fewer steps
+    assert m1.frozen_planner and not m1.cotrain and not van.frozen_planner and m1.max_steps > van.max_steps
+    assert train_action.parse_config(["--preset", "smoke"]).max_steps == 20  # a preset's steps win over the variant's
+    with pytest.raises(SystemExit):  # co-training a frozen planner: the message gives the paper's recipe
+        train_action.parse_config(["--cotrain"])
+    assert "--no-frozen-planner --cotrain" in capsys.readouterr().err
     for argv, fix in ((["--no-spatial-prompt"], "--no-written-plan --no-plan-numbers"),
                       (["--no-use-state"], "--no-prev-state --no-plan-numbers")):
         with pytest.raises(SystemExit):
