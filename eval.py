@@ -614,14 +614,14 @@ def print_table(results: dict, names: list):
 ABLATION = {  # name -> extra flags for train_action.py (whose defaults are m1 with the written plan, item 20)
     "vanilla": ["--variant", "vanilla"],
     "m1": ["--variant", "m1"],
-    # m1 keeps stage 1's planner frozen (train_action.VARIANTS); the entries that train the planner use the
-    # paper's co-trained recipe's 2500 steps, about the same wall time as m1's 6900 frozen ones
-    "cotrained": ["--variant", "m1", "--no-frozen-planner", "--cotrain", "--max-steps", "2500"],  # the paper's recipe
-    "no_stage1": ["--no-from-stage1", "--no-frozen-planner", "--max-steps", "2500"],
+    # m1 keeps stage 1's planner frozen (train_action.VARIANTS); each entry's step count gives about the same wall
+    # time (train_action.default_steps)
+    "cotrained": ["--variant", "m1", "--no-frozen-planner", "--cotrain"],  # the paper's recipe
+    "no_stage1": ["--no-from-stage1", "--no-frozen-planner"],
     # the written plan answers the spatial prompt, and the plan's numbers come from the written plan
     "no_prompt": ["--no-spatial-prompt", "--no-written-plan", "--no-plan-numbers"],
-    "no_cotrain": ["--no-frozen-planner", "--no-cotrain", "--max-steps", "2500"],  # trained by the action loss alone
-    "no_decay": ["--no-frozen-planner", "--cotrain", "--grad-decay", "1.0", "--max-steps", "2500"],
+    "no_cotrain": ["--no-frozen-planner", "--no-cotrain"],  # trained by the action loss alone
+    "no_decay": ["--no-frozen-planner", "--cotrain", "--grad-decay", "1.0"],
     "no_state": ["--no-use-state", "--no-prev-state", "--no-plan-numbers"],  # the DiT reads no numbers at all
     "no_where": ["--where-weight", "0"],
     "no_dart": ["--demo-noise", "0"],
@@ -629,12 +629,13 @@ ABLATION = {  # name -> extra flags for train_action.py (whose defaults are m1 w
     # whole recipes, for --variants only. m1_plain / vanilla_plain: the paper's recipe, the default before
     # session 18 (400 unpaired demonstrations, no written plan, one state); the other three are sessions 6 and 10's
     # steps towards today's default (EXPERIMENTS.md, items 11 and 15), with their 400 demonstrations
-    "m1_plain": ["--variant", "m1", "--no-frozen-planner", "--cotrain", "--max-steps", "2500", "--demos", "400", "--no-paired-demos", "--no-written-plan", "--no-plan-numbers",
-                 "--no-prev-state"],
-    "vanilla_plain": ["--variant", "vanilla", "--max-steps", "2500", "--demos", "400", "--no-paired-demos", "--no-prev-state"],
-    "m1_plan": ["--variant", "m1", "--no-frozen-planner", "--cotrain", "--max-steps", "2500", "--demos", "400", "--no-plan-numbers", "--no-prev-state"],
-    "vanilla_paired": ["--variant", "vanilla", "--max-steps", "2500", "--demos", "400", "--no-prev-state"],
-    "m1_plan_num": ["--variant", "m1", "--no-frozen-planner", "--cotrain", "--max-steps", "2500", "--demos", "400"],
+    "m1_plain": ["--variant", "m1", "--no-frozen-planner", "--cotrain", "--demos", "400", "--no-paired-demos",
+                 "--no-written-plan", "--no-plan-numbers", "--no-prev-state"],
+    "vanilla_plain": ["--variant", "vanilla", "--demos", "400", "--no-paired-demos", "--no-prev-state"],
+    "m1_plan": ["--variant", "m1", "--no-frozen-planner", "--cotrain", "--demos", "400", "--no-plan-numbers",
+                "--no-prev-state"],
+    "vanilla_paired": ["--variant", "vanilla", "--demos", "400", "--no-prev-state"],
+    "m1_plan_num": ["--variant", "m1", "--no-frozen-planner", "--cotrain", "--demos", "400"],
 }
 RECIPES = ("m1_plain", "vanilla_plain", "m1_plan", "vanilla_paired", "m1_plan_num")  # not in --ablation's set
 
@@ -663,11 +664,7 @@ def pipeline(args):
     for v in variants:
         t = time.time()
         r = resume(os.path.join(out, v))
-        flags = ABLATION[v]
-        if args.preset != "default" and "--max-steps" in flags:  # a preset's own step count wins (smoke: 20)
-            i = flags.index("--max-steps")
-            flags = flags[:i] + flags[i + 2:]
-        run(["train_action.py", *p, *flags, "--stage1", os.path.join(out, "stage1", "ckpt"),
+        run(["train_action.py", *p, *ABLATION[v], "--stage1", os.path.join(out, "stage1", "ckpt"),
              "--out", os.path.join(out, v), *r])
         timings[f"stage2 {v}" + (" (resumed)" if r else "")] = time.time() - t  # a resumed time is not a whole run's
     t = time.time()

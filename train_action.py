@@ -15,7 +15,7 @@ the DiT, about three times cheaper; in the same wall time that won, 57.8% agains
     python train_action.py --preset smoke                     # < 1 minute, for tests
     python train_action.py                                    # m1, the README's laptop run (preset default): the
                                                               # planner frozen, 6900 steps (EXPERIMENTS.md, 30)
-    python train_action.py --no-frozen-planner --cotrain --max-steps 2500  # the paper's co-trained recipe
+    python train_action.py --no-frozen-planner --cotrain      # the paper's co-trained recipe (2500 steps)
     python train_action.py --variant vanilla --out out/vanilla  # the paper's "vanilla VLA" ablation
     python train_action.py --no-written-plan --no-plan-numbers  # m1 without the written plan: the paper's latent
                                                               # path alone (EXPERIMENTS.md, item 11)
@@ -83,7 +83,7 @@ class Config:
     stage1: str = "out/stage1/ckpt"  # the stage-1 planner checkpoint
     from_stage1: bool = True     # start the planner from stage 1 (else from scratch)
     spatial_prompt: bool = True  # wrap the instruction in the paper's spatial prompt
-    # (the variant, VARIANTS below, sets cotrain / frozen_planner / max_steps: m1 is frozen, 6900 steps)
+    # (the variant, VARIANTS below, sets cotrain / frozen_planner; m1's planner is frozen)
     cotrain: bool = True         # a grounding batch every step, weighted by grounding_weight (the paper's recipe)
     grad_decay: float = 0.5      # scale of the action loss's gradient into the planner (when it is trained)
     frozen_planner: bool = False  # the planner is not trained at all in stage 2 (needs --no-cotrain): its hidden
@@ -142,9 +142,10 @@ class Config:
     n_noise: int = 4             # diffusion noise samples per planner pass (cheap extra targets)
     batch_size: int = 32         # robot samples per step
     grounding_batch: int = 32    # grounding questions per step (co-training)
-    max_steps: int = 2500        # set by the variant: m1 (frozen) 6900, ~22-25 min on 2 cores; vanilla 3600, about
-                                 # the same wall time. Co-trained, 2500 steps take that long (~0.6 s a step); there
-                                 # 2000 -> 2500 steps took success from 34.5% to 46.8%, 5000 to 63.2% (items 25-26)
+    max_steps: int = 0           # 0 = the default's wall time (~22-25 min on 2 cores) for this recipe's step cost
+                                 # (default_steps): 6900 with a frozen planner, 3600 when the action loss alone trains
+                                 # it (vanilla), 2500 co-trained. Co-trained, 2000 -> 2500 steps took success from
+                                 # 34.5% to 46.8%, 5000 to 63.2% (EXPERIMENTS.md, items 25-26)
     lr_planner: float = 1e-4     # per-module learning rates, in the paper's proportions (1 : 10 : 5); the low
                                  # planner rate keeps stage 1's grounding while the action loss pulls on it
     lr_action: float = 1e-3
@@ -188,12 +189,17 @@ VARIANTS = {
     # (~25 min on 2 cores), 6900 frozen steps succeeded in 59-62% of the episodes, the paper's co-trained
     # recipe (--no-frozen-planner --cotrain --max-steps 2500) in 38-47% (EXPERIMENTS.md, item 30)
     "m1": dict(from_stage1=True, spatial_prompt=True, frozen_planner=True, cotrain=False, grad_decay=0.5,
-               where_weight=10.0, written_plan=True, plan_numbers=True, max_steps=6900),
-    # vanilla trains its whole network (~420 ms a step against m1's ~220 on the AMD EPYC): 3600 steps take
-    # about the wall time of m1's 6900, the same compute
+               where_weight=10.0, written_plan=True, plan_numbers=True),
     "vanilla": dict(from_stage1=False, spatial_prompt=False, frozen_planner=False, cotrain=False, grad_decay=1.0,
-                    where_weight=0.0, written_plan=False, plan_numbers=False, max_steps=3600),
+                    where_weight=0.0, written_plan=False, plan_numbers=False),
 }
+
+
+def default_steps(cfg) -> int:
+    """Steps that take about the default's wall time (~22-25 min on 2 cores) at this recipe's cost per step, so
+    recipes compared side by side get the same compute: a frozen planner ~185-220 ms a step, the whole network
+    trained by the action loss (vanilla) ~350-420 ms, co-trained ~600-700 ms (EXPERIMENTS.md, items 29-30)."""
+    return 6900 if cfg.frozen_planner else 2500 if cfg.cotrain else 3600
 
 
 def parse_config(argv=None) -> Config:
@@ -202,8 +208,7 @@ def parse_config(argv=None) -> Config:
     pre.add_argument("--preset", default="default", choices=list(PRESETS))
     pre.add_argument("--variant", default="m1", choices=list(VARIANTS))
     known = pre.parse_known_args(argv)[0]
-    # the variant sets the recipe and its step count; a preset's own settings (smoke's 20 steps) win over it
-    base = Config(preset=known.preset, variant=known.variant, **{**VARIANTS[known.variant], **PRESETS[known.preset]})
+    base = Config(preset=known.preset, variant=known.variant, **PRESETS[known.preset], **VARIANTS[known.variant])
     if known.variant != "m1":
         base.out = f"out/{known.variant}"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre],
@@ -217,6 +222,8 @@ def parse_config(argv=None) -> Config:
         else:
             p.add_argument(flag, dest=f.name, type=type(getattr(base, f.name)), default=getattr(base, f.name))
     cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.max_steps == 0:
+        cfg.max_steps = default_steps(cfg)
     if cfg.prev_state and not cfg.use_state:
         p.error("--prev-state adds the previous joint state to the state the DiT reads: it needs --use-state "
                 "(to train without the state, add --no-prev-state --no-plan-numbers)")
@@ -230,8 +237,7 @@ def parse_config(argv=None) -> Config:
                 "an untrained one: give a trained planner")
     if cfg.frozen_planner and cfg.cotrain:
         p.error("--frozen-planner (m1's default) keeps the planner as stage 1 left it, but co-training trains it: "
-                "for the paper's co-trained recipe give --no-frozen-planner --cotrain (and --max-steps 2500, "
-                "which takes about the wall time of m1's 6900 frozen steps)")
+                "for the paper's co-trained recipe give --no-frozen-planner --cotrain")
     if cfg.plan_numbers and not (cfg.written_plan and cfg.use_state):
         p.error("--plan-numbers gives the action expert the written plan's numbers beside the joint state: "
                 "it needs --written-plan and --use-state")
