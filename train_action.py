@@ -199,7 +199,7 @@ def default_steps(cfg) -> int:
     """Steps that take about the default's wall time (~22-25 min on 2 cores) at this recipe's cost per step, so
     recipes compared side by side get the same compute: a frozen planner ~185-220 ms a step, the whole network
     trained by the action loss (vanilla) ~350-420 ms, co-trained ~600-700 ms (EXPERIMENTS.md, items 29-30)."""
-    return 6900 if cfg.frozen_planner else 2500 if cfg.cotrain else 3600
+    return 6000 if cfg.frozen_planner else 2500 if cfg.cotrain else 3600
 
 
 def parse_config(argv=None) -> Config:

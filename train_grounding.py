@@ -97,8 +97,8 @@ class Config:
     lookup_layer: int = 1        # which language block's head 0 it supervises (0 = the first)
     packed: bool = True          # pack all questions of a scene in one row (~3x cheaper per question); with
                                  # --no-packed the question joins the image in the bidirectional prefix
-    max_steps: int = 2600        # 500 curriculum steps + 2100 on full tables: 14-24 min with the data on 2 cores
-    lr: float = 6e-4             # from scratch; the paper's 1e-5 is for fine-tuning a pre-trained VLM. With the
+    max_steps: int = 2000        # 500 curriculum steps + 1500 on full tables: ~14-19 min with the data on 2 cores
+    lr: float = 1e-3             # from scratch; the paper's 1e-5 is for fine-tuning a pre-trained VLM. With the
                                  # curriculum, 6e-4 and 1e-3 bind words to objects faster than 3e-4 (EXPERIMENTS.md)
     min_lr: float = 3e-5
     warmup: int = 50
