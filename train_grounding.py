@@ -21,13 +21,14 @@ CURRICULUM comment below says why); number tokens are scored against a Gaussian 
 orthogonalizes each update), everything else with AdamW. One auxiliary loss rides along (--word-aux): at the
 language model's last layer, each image token that shows an item must name it in the vocabulary's own words
 ("red", "cube"), through the same output head the answers come from. It is what binds the question's words to
-the right object within the default's 2600 steps (model.Planner.word_loss). And on tables with two containers
+the right object within the default's 2000 steps (model.Planner.word_loss). And on tables with two containers
 the data also asks about the same object going into the *other* container (--counterfactual-containers), so
-the container's words, not a guess, decide where a trace ends. The default run (data included: 14.1 minutes on
-2 cores of an Intel Xeon, then in bfloat16) reached box Acc@0.5 ~93%, point ~94%, trace DFD ~3 px on the test
-split (README, "Stage 1"). In float32 on an AMD EPYC it took 23.5 minutes, and when the binding comes varies:
-of three float32 runs on that CPU one (that 23.5-minute run) was still at box 46.9% at step 2600, and resumed
-twice (--resume --max-steps 3600, then 4600) it reached 87.9% (EXPERIMENTS.md, closed-loop item 29). Check
+the container's words, not a guess, decide where a trace ends. When the binding comes varies with the machine
+and the thread count (the float32 sums are added in another order): at lr 6e-4 one of three 2600-step float32
+runs on an AMD EPYC was still at box 46.9% (EXPERIMENTS.md, closed-loop item 29). Since session 30 the default
+is lr 1e-3 for 2000 steps; on that AMD EPYC (2 cores, float32, inside `python eval.py --pipeline`) it reached
+box Acc@0.5 92.4%, point 94.5%, trace DFD 4.6 px on the test split in 17.6 minutes of training (item 31), and on
+an Intel Xeon lr 1e-3 had bound by step 1500-2000 (item 30). Check
 metrics.json's box_acc50 before stage 2.
 
 The script reads straight down: settings -> data -> model -> optimizer -> loop (log line + progress bar,
@@ -97,9 +98,10 @@ class Config:
     lookup_layer: int = 1        # which language block's head 0 it supervises (0 = the first)
     packed: bool = True          # pack all questions of a scene in one row (~3x cheaper per question); with
                                  # --no-packed the question joins the image in the bidirectional prefix
-    max_steps: int = 2000        # 500 curriculum steps + 1500 on full tables: ~14-19 min with the data on 2 cores
+    max_steps: int = 2000        # 500 curriculum steps + 1500 on full tables: ~15-20 min with the data on 2 cores
     lr: float = 1e-3             # from scratch; the paper's 1e-5 is for fine-tuning a pre-trained VLM. With the
-                                 # curriculum, 6e-4 and 1e-3 bind words to objects faster than 3e-4 (EXPERIMENTS.md)
+                                 # curriculum, 6e-4 and 1e-3 bind words to objects faster than 3e-4 (EXPERIMENTS.md);
+                                 # 1e-3 bound by step 2000 on both CPUs tried (items 30-31), 6e-4 once not by 2600
     min_lr: float = 3e-5
     warmup: int = 50
     schedule: str = "cosine"     # cosine: decay from the warm-up on; wsd: warm-up, stable at lr, then decay over
