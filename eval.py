@@ -231,7 +231,7 @@ def run_suite(policy, suite: str, episodes: int, seed_offset: int = 0, gif_path:
         cuts = np.linspace(0, episodes, workers + 1).astype(int)
         # the workers load the checkpoint themselves, with the same control settings as `policy` (if given)
         policy_kwargs = {} if policy is None else dict(replan_every=policy.replan_every, noise_scale=policy.noise_scale,
-                                                       samples=policy.samples)
+                                                       samples=policy.samples, ensemble=policy.ensemble)
         jobs = [(ckpt, policy_kwargs, suite, int(a), int(b), seed_offset, gif_path if k == 0 else None, gif_episodes)
                 for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
         # spawn, not fork: a forked child would inherit the parent's OpenGL context and torch threads
@@ -545,16 +545,17 @@ def plot_curves(ckpts: list, names: list, path: str):
 
 def evaluate(ckpts: list, names: list, suites: list, episodes: int, seed: int, out: str, grounding_dir: str,
              progress: bool = True, gifs: int = 3, workers: int = 1, replan_every: int = 0,
-             noise_scale: float = 1.0, samples: int = 1) -> dict:
+             noise_scale: float = 1.0, samples: int = 1, ensemble: float = 0.0) -> dict:
     from model import Policy
 
     os.makedirs(out, exist_ok=True)
     results = {"machine": machine(), "episodes_per_suite": episodes, "seed": seed, "workers": workers,
                "replan_every": replan_every or "chunk_len // 2", "noise_scale": noise_scale, "samples": samples,
+               "ensemble": ensemble,
                "suites": {s: {} for s in suites},
                "grounding": {}, "checkpoints": dict(zip(names, ckpts)), "render_difference": {}}
     for ck, name in zip(ckpts, names):
-        policy = Policy.load(ck, replan_every=replan_every, noise_scale=noise_scale, samples=samples)
+        policy = Policy.load(ck, replan_every=replan_every, noise_scale=noise_scale, samples=samples, ensemble=ensemble)
         results["render_difference"][name] = data.render_check(policy.config, name)
         for s in suites:
             t0 = time.time()
@@ -710,6 +711,9 @@ def main(argv=None):
                    help="scale of the DDIM starting noise (1 = as trained, 0 = the same start every time)")
     p.add_argument("--samples", type=int, default=1,
                    help="chunks drawn per plan; > 1 executes their medoid, so a rare mode drawn once is outvoted")
+    p.add_argument("--ensemble", type=float, default=0.0,
+                   help="temporal ensembling: average the overlapping chunks' actions, a chunk one plan older "
+                        "weighted this much against the newest (0 = off, execute the newest chunk only)")
     p.add_argument("--out", default="", help="output folder (default out/eval, or out/pipeline with --pipeline)")
     p.add_argument("--preset", default="default", choices=["smoke", "default", "full"], help="pipeline size")
     p.add_argument("--pipeline", action="store_true", help="run data -> stage 1 -> stage 2 -> eval")
@@ -802,7 +806,7 @@ def main(argv=None):
         return None
     return evaluate(args.ckpt, names, args.suites, args.episodes or 200, args.seed, args.out or "out/eval",
                     args.grounding_dir, not args.no_progress, args.gifs, args.workers, args.replan_every,
-                    args.noise_scale, args.samples)
+                    args.noise_scale, args.samples, args.ensemble)
 
 
 if __name__ == "__main__":

@@ -899,6 +899,11 @@ class VLA(nn.Module):
 #
 #   time  t: obs -> [a_t ... a_{t+Hc-1}] predicted; the first `replan_every` are executed
 #   time  t + replan_every: a new observation, a new chunk (the rest of the old one is dropped)
+#
+# With ensemble = w > 0 the rest of the old chunks is not dropped but averaged in ("temporal ensembling", as in
+# ACT, Zhao et al. 2023): the action for step t is the weighted mean of every chunk's prediction for t, the
+# newest chunk with weight 1, the one before with w, the one before that w**2 ... It costs nothing (the same
+# chunks are predicted) and smooths the switch from one DDIM draw to the next.
 
 
 class Policy:
@@ -909,7 +914,7 @@ class Policy:
     """
 
     def __init__(self, vla, config: dict, device: str = "cpu", n_ddim: int = 10, replan_every: int = 0,
-                 seed: int = 0, threads: int = 1, noise_scale: float = 1.0, samples: int = 1):
+                 seed: int = 0, threads: int = 1, noise_scale: float = 1.0, samples: int = 1, ensemble: float = 0.0):
         import data  # the tokenizer and the preprocessing shared with training
 
         self.data = data
@@ -930,6 +935,9 @@ class Policy:
         self.n_ddim, self.seed = n_ddim, seed
         self.noise_scale = noise_scale  # DDIM's starting noise (1 = as trained; see ActionExpert.sample)
         self.samples = samples  # chunks drawn per plan; > 1 keeps their medoid (VLA.predict_actions)
+        if not 0.0 <= ensemble <= 1.0:
+            raise ValueError(f"ensemble is the weight of a chunk one plan older, in [0, 1] (0 = off), got {ensemble}")
+        self.ensemble = ensemble  # temporal ensembling of overlapping chunks (see the comment above the class)
         # batch-1 inference is a string of tiny ops: one thread avoids two threads waiting on each other,
         # which costs seconds per chunk whenever another process keeps a core busy
         if threads:
@@ -949,6 +957,8 @@ class Policy:
         """Call at the start of every episode: forget queued actions and the written plan, restart the sampling
         noise. keep_plan=True keeps the plan (still the same episode)."""
         self.queue = []
+        self.chunks = []  # (step it was planned at, chunk (Hc, 6)) still covering the coming steps (ensemble > 0)
+        self.t = 0  # control steps since reset()
         self.last_state = None  # the state seen at the previous act() (for prev_state checkpoints)
         self.generator = torch.Generator().manual_seed(self.seed)
         if not keep_plan:
@@ -1014,10 +1024,23 @@ class Policy:
         return self.data.unnormalize(chunk[0].cpu().numpy(), self.stats["action"])
 
     def act(self, obs: dict, instruction: str) -> np.ndarray:
-        if not self.queue:
-            self.queue = list(self.predict_chunk(obs, instruction)[: self.replan_every])
+        if self.ensemble > 0:
+            action = self._act_ensembled(obs, instruction)
+        else:
+            if not self.queue:
+                self.queue = list(self.predict_chunk(obs, instruction)[: self.replan_every])
+            action = self.queue.pop(0)
         self.last_state = np.asarray(obs["state"], np.float32).copy()
-        return self.queue.pop(0).astype(np.float32)
+        self.t += 1
+        return action.astype(np.float32)
+
+    def _act_ensembled(self, obs: dict, instruction: str) -> np.ndarray:
+        if self.t % self.replan_every == 0:  # plan at the same steps as without ensembling
+            self.chunks.append((self.t, self.predict_chunk(obs, instruction)))
+        self.chunks = [(t0, c) for t0, c in self.chunks if self.t - t0 < self.chunk_len]  # those still covering t
+        preds = np.stack([c[self.t - t0] for t0, c in self.chunks])            # (n, 6), oldest first
+        weights = self.ensemble ** np.arange(len(preds) - 1, -1, -1.0)         # (n,): ..., w**2, w, 1 (newest)
+        return (weights[:, None] * preds).sum(0) / weights.sum()
 
     @torch.no_grad()
     def ask(self, obs: dict, question: str, max_new_tokens: int = 40) -> str:

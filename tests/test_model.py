@@ -837,3 +837,30 @@ def test_weights_average_follows_the_warmed_up_decay():
     a1 = avg.weight.detach().clone()
     assert train_action.update_average(avg, w, 10**6, 0.99) == pytest.approx(0.99)  # later: the ema setting
     assert torch.allclose(avg.weight, 0.99 * a1 + 0.01 * w.weight)
+
+
+def test_temporal_ensembling_averages_the_overlapping_chunks_newest_weighted_most(monkeypatch):
+    """Policy(ensemble=w): chunks planned every 2 steps, 4 long, overlap by 2 steps. The action at a step is the
+    weighted mean of the chunks covering it (newest weight 1, the one before w); w = 0 keeps the old behaviour
+    (execute the newest chunk's first replan_every actions)."""
+    import numpy as np
+
+    import data
+    from model import Policy
+
+    tok = data.get_tokenizer()
+    vla = VLA(tiny_planner_config(vocab_size=tok.n_vocab, max_text_len=64), tiny_action_config())
+    config = {"tokenizer": data.ranks_to_json(data.load_ranks()), "image_size": 24, "spatial_prompt": False,
+              "use_state": False, "norm_stats": {"action": {"low": [0.0] * 6, "high": [2.0] * 6}}, "chunk_len": 4}
+    obs = {"image": np.zeros((24, 24, 3), np.uint8), "state": np.zeros(6, np.float32)}
+    for w in (0.0, 0.5):
+        policy = Policy(vla, config, threads=0, replan_every=2, ensemble=w)
+        chunks = iter([np.tile(np.arange(4.0)[:, None], (1, 6)), np.tile(5 + np.arange(4.0)[:, None], (1, 6))])
+        monkeypatch.setattr(policy, "predict_chunk", lambda o, i: next(chunks))  # (4, 6): 0 1 2 3, then 5 6 7 8
+        got = [policy.act(obs, "pick up the cube")[0] for _ in range(4)]
+        if w == 0:
+            assert got == [0.0, 1.0, 5.0, 6.0]  # chunk 0's first two, then chunk 1's first two
+        else:  # steps 2, 3: chunk 0 says 2, 3 (weight 0.5), chunk 1 says 5, 6 (weight 1)
+            assert np.allclose(got, [0.0, 1.0, (0.5 * 2 + 5) / 1.5, (0.5 * 3 + 6) / 1.5])
+    with pytest.raises(ValueError, match="ensemble"):
+        Policy(vla, config, threads=0, ensemble=1.5)
