@@ -133,6 +133,13 @@ def _grasp_gap(env) -> float:
     return float(np.linalg.norm(site - obj))
 
 
+def _over_other_container(env) -> bool:
+    """The target is within the rim of a container that is not its own (carried to the wrong one)."""
+    p = env.data.xpos[env.model.body(f"obj{env.scene['target_object']}").id]
+    return any(math.hypot(p[0] - c["pos"][0], p[1] - c["pos"][1]) <= sim.CONTAINER_INNER[c["shape"]]
+               for j, c in enumerate(env.scene["containers"]) if j != env.scene["target_container"])
+
+
 def _suite_env(suite: str, image_size: int, seed_offset: int = 0):
     """The simulator a suite runs in, and the seed of its episode 0 (episode i has seed + i)."""
     spec = dict(SUITES[suite])
@@ -181,7 +188,8 @@ def run_episodes(policy, suite: str, first: int, last: int, seed_offset: int = 0
                 up = True
             elif up:  # it was up and is down again: let go on purpose, or slipped from closed jaws?
                 up = False
-                ep_falls.append({"opened": max(jaw) > JAW_OPENING, "over_container": env.target_over_container()})
+                ep_falls.append({"opened": max(jaw) > JAW_OPENING, "over_container": env.target_over_container(),
+                                 "over_other": _over_other_container(env)})
             if terminated or truncated:
                 break
         if record:
@@ -268,13 +276,17 @@ def lift_summary(outcomes: list, held_steps: list, carried_cm: list) -> dict:
 
 def fall_summary(falls: list) -> dict:
     """Every time a lifted target came back down (per episode, from run_episodes): how many times, how many
-    right after the policy commanded its jaws open (JAW_OPENING), and how many of those away from its container.
-    Falls from closed jaws are slips (or the expert's own lowering into the container, which ends below LIFTED
-    before the jaws open)."""
+    right after the policy commanded its jaws open (JAW_OPENING), and how many of those away from its container;
+    and how many came down with the jaws closed away from its container. With closed jaws over the container it
+    is the placing itself (the jaws open after the object is down, as the expert does), so most of the closed-jaw
+    comings-down are not slips: "closed, away" counts the slips and the objects set down short of the container,
+    and "other container" those that came down over a container that is not the one asked for."""
     flat = [f for ep in falls for f in ep]
     opened = [f for f in flat if f["opened"]]
     return {"falls": len(flat), "falls_opened": len(opened),
-            "falls_opened_outside": sum(not f["over_container"] for f in opened)}
+            "falls_opened_outside": sum(not f["over_container"] for f in opened),
+            "falls_closed_outside": sum(not f["opened"] and not f["over_container"] for f in flat),
+            "falls_other_container": sum(bool(f.get("over_other")) for f in flat)}
 
 
 def open_loop_error(policy, episodes: list, every: int = 4) -> dict:
@@ -595,8 +607,10 @@ def print_table(results: dict, names: list):
                             f"{row[n]['lifted_not_placed_median_carried_cm']:.1f}"
                             for n in names if row[n].get("lifted_not_placed_median_held_steps") is not None)
         for s, row in results["suites"].items()))
-    print("a lifted target came down: times / after the policy opened its jaws / ... away from its container: " + "; ".join(
+    print("a lifted target came down: times / after the policy opened its jaws / ... away from its container / "
+          "with closed jaws away from its container (slipped or set down short) / over another container: " + "; ".join(
         f"{s} " + ", ".join(f"{n} {row[n]['falls']} / {row[n]['falls_opened']} / {row[n]['falls_opened_outside']}"
+                            f" / {row[n].get('falls_closed_outside', '-')} / {row[n].get('falls_other_container', '-')}"
                             for n in names if "falls" in row[n])
         for s, row in results["suites"].items()))
     ms = [next((r[n]["ms_per_chunk"] for r in results["suites"].values() if r[n]["ms_per_chunk"]), None) for n in names]

@@ -199,7 +199,8 @@ def test_a_carried_target_is_counted_as_held_until_it_reaches_its_container(monk
     r = evaluation.run_episodes(Expert(), "seen", 0, 1, progress=False)
     assert r["success"] == [True] and r["held_steps"][0] >= 15 and r["carried_cm"][0] < 3.0
     # it comes down once, lowered into its container with the jaws still closed: no fall "after opening"
-    assert evaluation.fall_summary(r["falls"]) == {"falls": 1, "falls_opened": 0, "falls_opened_outside": 0}
+    assert evaluation.fall_summary(r["falls"]) == {"falls": 1, "falls_opened": 0, "falls_opened_outside": 0,
+                                                   "falls_closed_outside": 0, "falls_other_container": 0}
 
     class LetsGo(Expert):  # the same expert, but it opens its jaws 6 steps into the lift (8 steps long)
         def act(self, obs, instruction):
@@ -212,6 +213,12 @@ def test_a_carried_target_is_counted_as_held_until_it_reaches_its_container(monk
     assert r["success"] == [False] and 0 < r["held_steps"][0] < 10
     s = evaluation.fall_summary(r["falls"])  # every try (the expert retries after a drop) ends the same way
     assert s["falls"] >= 1 and s["falls_opened"] == s["falls_opened_outside"] == s["falls"]
+    assert s["falls_closed_outside"] == 0
+    # set down short: jaws closed, not over its container; over it with closed jaws is the placing itself
+    down = [[{"opened": False, "over_container": False, "over_other": True}],
+            [{"opened": False, "over_container": True, "over_other": False}]]
+    assert evaluation.fall_summary(down)["falls_closed_outside"] == 1
+    assert evaluation.fall_summary(down)["falls_other_container"] == 1
     s = evaluation.lift_summary(["target lifted, not placed", "success", "target lifted, not placed"],
                                 [4, 30, 10], [12.0, 0.5, 6.0])
     assert s["lifted_not_placed_median_held_steps"] == 7 and s["lifted_not_placed_median_carried_cm"] == 9.0
