@@ -10,6 +10,7 @@
     python eval.py --ckpt CKPT --swap-instruction 60     # does the first chunk follow the named object?
     python eval.py --ckpt CKPT --swap-place DEMO_DIR     # does the carry follow the written plan's place point?
     python eval.py --ckpt CKPT --replan-every 8 --samples 5   # control settings: actions per plan, chunks drawn
+    python eval.py --ckpt CKPT --ensemble 0.5            # temporal ensembling of the overlapping chunks
 
 Suites (fixed seeds, never used for training data):
     seen         training split (its tasks and phrasings), new tables
