@@ -903,7 +903,8 @@ class VLA(nn.Module):
 # With ensemble = w > 0 the rest of the old chunks is not dropped but averaged in ("temporal ensembling", as in
 # ACT, Zhao et al. 2023): the action for step t is the weighted mean of every chunk's prediction for t, the
 # newest chunk with weight 1, the one before with w, the one before that w**2 ... It costs nothing (the same
-# chunks are predicted) and smooths the switch from one DDIM draw to the next.
+# chunks are predicted) and smooths the switch from one DDIM draw to the next. Measured with w = 0.5: no gain
+# in the closed loop (EXPERIMENTS.md, item 32), so it is off by default.
 
 
 class Policy:
