@@ -136,9 +136,8 @@ def _grasp_gap(env) -> float:
 
 def _over_other_container(env) -> bool:
     """The target is within the rim of a container that is not its own (carried to the wrong one)."""
-    p = env.data.xpos[env.model.body(f"obj{env.scene['target_object']}").id]
-    return any(math.hypot(p[0] - c["pos"][0], p[1] - c["pos"][1]) <= sim.CONTAINER_INNER[c["shape"]]
-               for j, c in enumerate(env.scene["containers"]) if j != env.scene["target_container"])
+    return any(env.target_over_container(j) for j in range(len(env.scene["containers"]))
+               if j != env.scene["target_container"])
 
 
 def _suite_env(suite: str, image_size: int, seed_offset: int = 0):

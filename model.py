@@ -932,7 +932,8 @@ class Policy:
         self.relative = bool(config.get("relative_actions", False))  # chunks are (action - state at planning)
         self.stats = config["norm_stats"]
         self.chunk_len = int(config["chunk_len"])
-        self.replan_every = replan_every or max(1, self.chunk_len // 2)
+        # a chunk holds chunk_len actions, so at most that many can be executed from it before the next plan
+        self.replan_every = min(replan_every or max(1, self.chunk_len // 2), self.chunk_len)
         self.n_ddim, self.seed = n_ddim, seed
         self.noise_scale = noise_scale  # DDIM's starting noise (1 = as trained; see ActionExpert.sample)
         self.samples = samples  # chunks drawn per plan; > 1 keeps their medoid (VLA.predict_actions)
@@ -957,8 +958,7 @@ class Policy:
     def reset(self, keep_plan: bool = False):
         """Call at the start of every episode: forget queued actions and the written plan, restart the sampling
         noise. keep_plan=True keeps the plan (still the same episode)."""
-        self.queue = []
-        self.chunks = []  # (step it was planned at, chunk (Hc, 6)) still covering the coming steps (ensemble > 0)
+        self.chunks = []  # (step it was planned at, chunk (Hc, 6)) for the chunks still covering the coming steps
         self.t = 0  # control steps since reset()
         self.last_state = None  # the state seen at the previous act() (for prev_state checkpoints)
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -1025,23 +1025,16 @@ class Policy:
         return self.data.unnormalize(chunk[0].cpu().numpy(), self.stats["action"])
 
     def act(self, obs: dict, instruction: str) -> np.ndarray:
-        if self.ensemble > 0:
-            action = self._act_ensembled(obs, instruction)
-        else:
-            if not self.queue:
-                self.queue = list(self.predict_chunk(obs, instruction)[: self.replan_every])
-            action = self.queue.pop(0)
-        self.last_state = np.asarray(obs["state"], np.float32).copy()
-        self.t += 1
-        return action.astype(np.float32)
-
-    def _act_ensembled(self, obs: dict, instruction: str) -> np.ndarray:
-        if self.t % self.replan_every == 0:  # plan at the same steps as without ensembling
+        if self.t % self.replan_every == 0:  # a new observation, a new chunk
             self.chunks.append((self.t, self.predict_chunk(obs, instruction)))
         self.chunks = [(t0, c) for t0, c in self.chunks if self.t - t0 < self.chunk_len]  # those still covering t
         preds = np.stack([c[self.t - t0] for t0, c in self.chunks])            # (n, 6), oldest first
-        weights = self.ensemble ** np.arange(len(preds) - 1, -1, -1.0)         # (n,): ..., w**2, w, 1 (newest)
-        return (weights[:, None] * preds).sum(0) / weights.sum()
+        # ..., w**2, w, 1 (newest). With w = 0 (the default) only the newest chunk counts (0**0 = 1): its actions
+        # are executed in turn and the rest of the older ones is dropped
+        weights = self.ensemble ** np.arange(len(preds) - 1, -1, -1.0)         # (n,)
+        self.last_state = np.asarray(obs["state"], np.float32).copy()
+        self.t += 1
+        return ((weights[:, None] * preds).sum(0) / weights.sum()).astype(np.float32)
 
     @torch.no_grad()
     def ask(self, obs: dict, question: str, max_new_tokens: int = 40) -> str:

@@ -600,16 +600,17 @@ class SO100Env:
         still = np.linalg.norm(d.cvel[ob][3:]) < 0.05
         return bool(self.target_over_container() and low and still and not self._touches_gripper(ob))
 
-    def target_to_container(self) -> float:
-        """Horizontal distance (m) from the target object to the centre of its container."""
+    def target_to_container(self, container: int | None = None) -> float:
+        """Horizontal distance (m) from the target object to the centre of its container (or of container j)."""
+        j = self.scene["target_container"] if container is None else container
         p = self.data.xpos[self.model.body(f"obj{self.scene['target_object']}").id]
-        co = self.scene["containers"][self.scene["target_container"]]["pos"]
+        co = self.scene["containers"][j]["pos"]
         return math.hypot(p[0] - co[0], p[1] - co[1])
 
-    def target_over_container(self) -> bool:
-        """The target object is within the target container's rim (seen from above), at any height."""
-        co = self.scene["containers"][self.scene["target_container"]]
-        return self.target_to_container() <= CONTAINER_INNER[co["shape"]]
+    def target_over_container(self, container: int | None = None) -> bool:
+        """The target object is within its container's rim (or container j's; seen from above), at any height."""
+        j = self.scene["target_container"] if container is None else container
+        return self.target_to_container(j) <= CONTAINER_INNER[self.scene["containers"][j]["shape"]]
 
     def target_held(self) -> bool:
         """The target object is off the table (its centre > 1.5 cm above resting) and touches the jaws: it is

@@ -241,3 +241,25 @@ def test_gripper_pixel_from_the_joint_angles_is_where_the_jaws_are_drawn():
     assert np.allclose(sim.gripper_pixel(states[0], 48), pixels[0] / 2, atol=1e-3)  # scales with the image
     with pytest.raises(ValueError, match="6"):
         sim.gripper_pixel(np.zeros(5), 96)
+
+
+def test_over_a_container_asks_about_the_target_container_or_any_other():
+    """target_over_container() is about the asked-for container; target_over_container(j) about container j
+    (eval.py counts a target set down in the wrong container with it)."""
+    import mujoco
+
+    import eval as evaluation
+
+    env = sim.SO100Env(image_size=48)
+    for seed in range(50):  # a table with two containers
+        env.reset(seed=seed)
+        if len(env.scene["containers"]) == 2:
+            break
+    assert len(env.scene["containers"]) == 2
+    other = 1 - env.scene["target_container"]
+    adr = env.model.jnt_qposadr[env.model.joint(f"obj{env.scene['target_object']}").id]
+    env.data.qpos[adr : adr + 2] = env.scene["containers"][other]["pos"][:2]  # the target into the other one
+    mujoco.mj_forward(env.model, env.data)
+    assert env.target_over_container(other) and not env.target_over_container()
+    assert env.target_to_container(other) < 1e-6 < env.target_to_container()
+    assert evaluation._over_other_container(env)
