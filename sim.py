@@ -740,6 +740,13 @@ def picture_difference(reference: np.ndarray) -> float:
 
 APPROACH_Z = 0.080   # height of the grasp site above the table before descending (m)
 GRASP_Z = 0.020      # grasp site height when closing: the jaw tips are then ~4 mm above the table
+# The expert grasps with the object this far from the fixed jaw (towards the moving one). The grasp site sits
+# where a 2.4 cm object touches the fixed jaw, so a grasp aimed at the object's centre leaves no room on that
+# side: a policy a few mm off towards it sets the fixed jaw down ON the object, the arm stops 2-3 cm high and
+# the jaws close on air (EXPERIMENTS.md, item 33: 16 of the 18 "nothing lifted" in 100 `seen` episodes). With the clearance the
+# moving jaw pushes the object the last few mm against the fixed jaw, and demonstrations teach a grasp that
+# forgives a miss either way.
+GRASP_CLEARANCE = 0.008
 CARRY_Z = 0.095      # height while carrying
 RELEASE_Z = 0.048    # grasp site height when the jaw opens over the container
 
@@ -830,9 +837,12 @@ def expert_plan(env: "SO100Env") -> list:
     start = d.site_xpos[m.site("grasp").id].copy()
     start_yaw = math.atan2(*d.site_xmat[m.site("grasp").id].reshape(3, 3)[[1, 0], 1])
     cx, cy = co["pos"]
-    above_obj = np.array([obj_p[0], obj_p[1], APPROACH_Z])
-    grasp = np.array([obj_p[0], obj_p[1], GRASP_Z])
-    lift = np.array([obj_p[0], obj_p[1], CARRY_Z])
+    # the site goes GRASP_CLEARANCE beyond the object's centre towards the fixed jaw (the gripper frame's -y,
+    # whose yaw is `yaw`), so the object starts that far from the fixed jaw's face
+    gx, gy = obj_p[:2] - GRASP_CLEARANCE * np.array([math.cos(yaw), math.sin(yaw)])
+    above_obj = np.array([gx, gy, APPROACH_Z])
+    grasp = np.array([gx, gy, GRASP_Z])
+    lift = np.array([gx, gy, CARRY_Z])
     above_con = np.array([cx, cy, CARRY_Z])
     release = np.array([cx, cy, RELEASE_Z])
     n_app = int(np.clip(np.linalg.norm(above_obj - start) / 0.018, 8, 18))
@@ -983,6 +993,7 @@ class SimArgs:
     viewer: bool = False        # watch the expert in MuJoCo's interactive viewer (needs a display)
     bench: bool = False         # measure environment steps per second with and without rendering
     grasp_offset: float = 0.0   # move the expert's grasp point this far (m), random direction: how precise must a policy be?
+    grasp_clearance: float = GRASP_CLEARANCE  # the object's distance from the fixed jaw when the expert grasps (m)
 
 
 def _parse_args(argv=None) -> SimArgs:
@@ -1038,6 +1049,8 @@ def main(argv=None):
         b = benchmark(args.image_size)
         print(f"env steps/s at {args.image_size}x{args.image_size}: with rendering {b['render']:.0f}, "
               f"without {b['no_render']:.0f} (expert IK included)")
+    global GRASP_CLEARANCE
+    GRASP_CLEARANCE = args.grasp_clearance  # read by expert_plan
     env = SO100Env(args.image_size, args.split, randomize=args.randomize, render=not args.no_render or bool(args.gif))
     wins, lengths = 0, []
     for i in range(args.episodes):
