@@ -139,6 +139,30 @@ def test_grasp_offset_moves_only_the_grasp_keyframes_by_that_distance():
     env.close()
 
 
+def test_the_expert_closes_with_the_object_clear_of_the_fixed_jaw(monkeypatch):
+    """When the expert starts closing, the object's centre is GRASP_CLEARANCE from the grasp site, towards the
+    moving jaw (the gripper frame's +y), so its face is that far from the fixed jaw's; it then lifts it."""
+    assert sim.GRASP_CLEARANCE >= 0.005  # the default leaves room on the fixed jaw's side (EXPERIMENTS.md item 33)
+    clearance = 0.008  # set, so that the test checks the geometry (side and size), whatever the default
+    monkeypatch.setattr(sim, "GRASP_CLEARANCE", clearance)
+    env = sim.SO100Env(image_size=32, render=False)
+    for seed in (3, 4, 5):
+        env.reset(seed=seed)
+        expert = sim.ScriptedExpert(env)
+        expert.reset()
+        m, d = env.model, env.data
+        obj, site = m.body(f"obj{env.scene['target_object']}").id, m.site("grasp").id
+        while expert.phase_of[expert.t] != "close":
+            env.step(expert.act())
+        R = d.site_xmat[site].reshape(3, 3)
+        local = R.T @ (d.xpos[obj] - d.site_xpos[site])  # the object's centre in the grasp site's frame
+        assert abs(local[1] - clearance) < 0.002, (seed, local)
+        while expert.phase_of[min(expert.t, len(expert.phase_of) - 1)] != "carry":
+            env.step(expert.act())
+        assert env.target_held(), seed
+    env.close()
+
+
 def test_retarget_names_another_object_and_keeps_the_split_rule():
     rng = np.random.default_rng(1)
     for split in ("train", "test"):
