@@ -6,6 +6,7 @@ from scenes and demonstrations produced here.
     python sim.py --episodes 20 --seed 0                 # run the expert, print `expert success: k/N`
     python sim.py --episodes 5 --split test --gif out/expert.gif
     python sim.py --viewer                               # watch it in MuJoCo's viewer (needs a display)
+    python sim.py --episodes 100 --no-render --grasp-offset 0.01   # how far off may a grasp be?
 
 What is in the world
 --------------------
