@@ -744,9 +744,9 @@ GRASP_Z = 0.020      # grasp site height when closing: the jaw tips are then ~4 
 # The expert grasps with the object this far from the fixed jaw (towards the moving one). The grasp site sits
 # where a 2.4 cm object touches the fixed jaw, so a grasp aimed at the object's centre leaves no room on that
 # side: a policy a few mm off towards it sets the fixed jaw down ON the object, the arm stops 2-3 cm high and
-# the jaws close on air (EXPERIMENTS.md, item 33: 16 of the 18 "nothing lifted" in 100 `seen` episodes). With the clearance the
-# moving jaw pushes the object the last few mm against the fixed jaw, and demonstrations teach a grasp that
-# forgives a miss either way.
+# the jaws close on air (EXPERIMENTS.md, item 33: 16 of the 18 "nothing lifted" in 100 `seen` episodes).
+# With the clearance the moving jaw pushes the object the last few mm against the fixed jaw, and the
+# demonstrations teach a grasp that forgives a miss either way.
 GRASP_CLEARANCE = 0.008
 CARRY_Z = 0.095      # height while carrying
 RELEASE_Z = 0.048    # grasp site height when the jaw opens over the container
