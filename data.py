@@ -557,13 +557,14 @@ GRIPPER_DIM = 2  # the jaws' position in the picture (x, y), for train_action.py
 
 
 def gripper_vector(states, image_size: int) -> np.ndarray:
-    """Joint states (..., 6) -> (..., GRIPPER_DIM) float32 in [-1, 1]: where the jaws are in the picture
-    (sim.gripper_pixel: forward kinematics, then the camera), in plan_vector's units. With --gripper-point the
-    action expert reads it beside the plan's place point: "over the container" is then these two numbers
-    equal to the plan's last two, a comparison, not a picture to decode. Training and control both call this."""
+    """Joint states (..., 6) -> (..., GRIPPER_DIM) float32 in [-1, 1]: where the jaws are over the table, in the
+    picture (sim.gripper_pixel: forward kinematics, then the camera, of the point straight below the jaws at the
+    place point's height), in plan_vector's units. With --gripper-point the action expert reads it beside the
+    plan's place point: "over the container" is then these two numbers equal to the plan's last two at any
+    height, a comparison, not a picture to decode. Training and control both call this."""
     import sim
 
-    return (sim.gripper_pixel(states, image_size) / image_size * 2 - 1).astype(np.float32)
+    return (sim.gripper_pixel(states, image_size, sim.PLACE_POINT_Z) / image_size * 2 - 1).astype(np.float32)
 
 
 def pad_batch(seqs: list, pad_id: int, fill=None):

@@ -652,7 +652,7 @@ class SO100Env:
         for j, co in enumerate(sc["containers"]):
             boxes[self.name_of(co)] = box_of(m, d, f"con{j}", S, S).tolist()
         tob, tco = sc["objects"][sc["target_object"]], sc["containers"][sc["target_container"]]
-        cpos = np.array([*tco["pos"], 0.006])
+        cpos = np.array([*tco["pos"], PLACE_POINT_Z])
         ee = d.site_xpos[m.site("grasp").id]
         return {
             "instruction": sc["instruction"],
@@ -683,8 +683,12 @@ class SO100Env:
 _ARM_MODEL = []  # [(MjModel, MjData)] of one fixed table, built on first use: only the arm's links matter here
 
 
-def gripper_pixel(states, image_size: int = 96) -> np.ndarray:
+def gripper_pixel(states, image_size: int = 96, height: float | None = None) -> np.ndarray:
     """The jaws' grasp point as the front camera sees it: states (..., 6) joint radians -> (..., 2) pixels.
+    With `height` (m), the point straight below (or above) the grasp point at that height is projected instead:
+    with height=PLACE_POINT_Z, jaws held right over a container give the same pixel as its place point
+    (info["target_point"]), however high they are. Without it they do not: the camera looks down at an angle, so
+    at the carry's height the jaws appear ~12 px (~6 cm on the table) above the container they are over.
 
     Forward kinematics (mj_kinematics with the arm's joints set) and then `project`, the projection of every
     label: the same number as info["ee_pixel"] of a frame with that state (default look; the optional camera
@@ -708,6 +712,8 @@ def gripper_pixel(states, image_size: int = 96) -> np.ndarray:
         d.qpos[:6] = q
         mujoco.mj_kinematics(m, d)  # link poses only: no contacts, no dynamics (microseconds)
         points[i] = d.site_xpos[site]
+    if height is not None:
+        points[:, 2] = height
     return project(m, d, points, image_size, image_size).reshape(states.shape[:-1] + (2,))
 
 
@@ -750,6 +756,7 @@ GRASP_Z = 0.020      # grasp site height when closing: the jaw tips are then ~4 
 GRASP_CLEARANCE = 0.008
 CARRY_Z = 0.095      # height while carrying
 RELEASE_Z = 0.048    # grasp site height when the jaw opens over the container
+PLACE_POINT_Z = 0.006  # height of the place-point label (info["target_point"]): the container's floor
 
 
 def _down_rotation(yaw: float) -> np.ndarray:

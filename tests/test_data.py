@@ -586,7 +586,7 @@ def test_takeover_demos_label_only_the_experts_frames(tmp_path, monkeypatch):
 
 def test_gripper_point_follows_the_plan_and_is_the_jaws_place_in_the_picture(tok):
     """DemoDataset(gripper_point=True): after the state (and the plan's numbers) come two numbers, where the jaws
-    are in the picture at that frame (data.gripper_vector of its joint state), in the plan's units."""
+    are over the table in the picture at that frame (data.gripper_vector of its joint state), in the plan's units."""
     import sim
 
     T = 3
@@ -599,6 +599,6 @@ def test_gripper_point_follows_the_plan_and_is_the_jaws_place_in_the_picture(tok
     ds = data.DemoDataset([ep], tok, stats, 4, written_plan=True, plan_numbers=True, gripper_point=True)
     *_, state, _ = ds.collate([ds[0], ds[2]])
     assert state.shape == (2, 6 + data.PLAN_DIM + data.GRIPPER_DIM)
-    want = sim.gripper_pixel(states[[0, 2]], 64) / 64 * 2 - 1
+    want = sim.gripper_pixel(states[[0, 2]], 64, sim.PLACE_POINT_Z) / 64 * 2 - 1
     assert np.allclose(state[:, -2:].numpy(), want, atol=1e-6)
     assert not np.allclose(want[0], want[1])  # the arm moved, so did its place in the picture

@@ -795,7 +795,7 @@ def test_gripper_point_policies_read_the_jaws_place_from_the_joint_state(monkeyp
     monkeypatch.setattr(vla, "predict_actions", lambda im, tk, pm, st, *a: seen.append(st[0].numpy()) or real(im, tk, pm, st, *a))
     state = sim.HOME.astype(np.float32)
     policy.act({"image": np.zeros((24, 24, 3), np.uint8), "state": state}, "pick up the cube")
-    assert np.allclose(seen[0], np.r_[state / 2, sim.gripper_pixel(state, 24) / 24 * 2 - 1], atol=1e-6)
+    assert np.allclose(seen[0], np.r_[state / 2, sim.gripper_pixel(state, 24, sim.PLACE_POINT_Z) / 24 * 2 - 1], atol=1e-6)
     with pytest.raises(SystemExit):
         train_action.parse_config(["--gripper-point", "--no-use-state", "--no-prev-state", "--no-plan-numbers"])
 

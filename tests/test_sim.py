@@ -267,6 +267,32 @@ def test_gripper_pixel_from_the_joint_angles_is_where_the_jaws_are_drawn():
         sim.gripper_pixel(np.zeros(5), 96)
 
 
+def test_gripper_pixel_at_the_place_points_height_is_the_place_point_when_the_jaws_are_over_the_container():
+    """With height=PLACE_POINT_Z the jaws carried right over the container give its place point's pixel
+    (info["target_point"]); their own projection at the carry's height lies well away from it (parallax)."""
+    import mujoco
+
+    env = sim.SO100Env(image_size=96)
+    obs, info = env.reset(seed=5)  # its carry ends within 1 mm of straight over the container
+    expert = sim.ScriptedExpert(env)
+    expert.reset()
+    m, d = env.model, env.data
+    cxy = np.array(env.scene["containers"][env.scene["target_container"]]["pos"])
+    best, over = 1.0, None  # the carry's frame nearest to straight over the container, jaws up
+    for _ in range(env.cfg.max_steps):
+        obs, _, terminated, truncated, info = env.step(expert.act(obs, info))
+        mujoco.mj_kinematics(m, d)  # the site as of the state now
+        site = d.site_xpos[m.site("grasp").id]
+        if site[2] > sim.CARRY_Z - 0.015 and np.linalg.norm(site[:2] - cxy) < best:
+            best, over = np.linalg.norm(site[:2] - cxy), obs["state"].copy()
+        if terminated or truncated:
+            break
+    assert best < 0.005, f"the expert's jaws came only within {best:.3f} m of straight over the container"
+    on_table = sim.gripper_pixel(over, 96, sim.PLACE_POINT_Z)
+    assert np.linalg.norm(on_table - np.array(info["target_point"])) < 1.0  # a pixel is ~5 mm on the table
+    assert np.linalg.norm(sim.gripper_pixel(over, 96) - np.array(info["target_point"])) > 5
+
+
 def test_over_a_container_asks_about_the_target_container_or_any_other():
     """target_over_container() is about the asked-for container; target_over_container(j) about container j
     (eval.py counts a target set down in the wrong container with it)."""
