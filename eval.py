@@ -557,7 +557,8 @@ def plot_curves(ckpts: list, names: list, path: str):
 
 def evaluate(ckpts: list, names: list, suites: list, episodes: int, seed: int, out: str, grounding_dir: str,
              progress: bool = True, gifs: int = 3, workers: int = 1, replan_every: int = 0,
-             noise_scale: float = 1.0, samples: int = 1, ensemble: float = 0.0) -> dict:
+             noise_scale: float = 1.0, samples: int | None = None, ensemble: float = 0.0) -> dict:
+    """samples=None: model.Policy's default (model.SAMPLES)."""
     from model import Policy
 
     os.makedirs(out, exist_ok=True)
@@ -567,7 +568,9 @@ def evaluate(ckpts: list, names: list, suites: list, episodes: int, seed: int, o
                "suites": {s: {} for s in suites},
                "grounding": {}, "checkpoints": dict(zip(names, ckpts)), "render_difference": {}}
     for ck, name in zip(ckpts, names):
-        policy = Policy.load(ck, replan_every=replan_every, noise_scale=noise_scale, samples=samples, ensemble=ensemble)
+        policy = Policy.load(ck, replan_every=replan_every, noise_scale=noise_scale, ensemble=ensemble,
+                             **({} if samples is None else {"samples": samples}))
+        results["samples"] = policy.samples
         results["render_difference"][name] = data.render_check(policy.config, name)
         for s in suites:
             t0 = time.time()
@@ -723,8 +726,9 @@ def main(argv=None):
                    help="actions executed from each predicted chunk before planning again (default chunk_len // 2)")
     p.add_argument("--noise-scale", type=float, default=1.0,
                    help="scale of the DDIM starting noise (1 = as trained, 0 = the same start every time)")
-    p.add_argument("--samples", type=int, default=1,
-                   help="chunks drawn per plan; > 1 executes their medoid, so a rare mode drawn once is outvoted")
+    p.add_argument("--samples", type=int, default=None,
+                   help="chunks drawn per plan; > 1 executes their medoid, so a rare mode drawn once is outvoted "
+                        "(default: model.SAMPLES, 3)")
     p.add_argument("--ensemble", type=float, default=0.0,
                    help="temporal ensembling: average the overlapping chunks' actions, a chunk one plan older "
                         "weighted this much against the newest (0 = off, execute the newest chunk only)")

@@ -840,7 +840,7 @@ class VLA(nn.Module):
         n_samples > 1 draws that many chunks from the same condition (one batched DDIM run) and returns, per
         row, the medoid: the drawn chunk with the smallest summed distance to the others. It is a real sample,
         so joints stay consistent with each other, but a rare mode drawn by one sample in K is outvoted by the
-        rest. (Tried against the jaws opening early in the carry, EXPERIMENTS.md item 15: not a rare draw.)"""
+        rest. Policy executes the medoid of SAMPLES = 3 draws (EXPERIMENTS.md item 34)."""
         cond = self.condition(images, tokens, pad_mask)  # (B, K_q, d)
         if n_samples <= 1:
             return self.expert.sample(cond, state_norm, n_ddim, generator, noise_scale)
@@ -907,6 +907,13 @@ class VLA(nn.Module):
 # in the closed loop (EXPERIMENTS.md, item 32), so it is off by default.
 
 
+# Chunks drawn per plan, of which the medoid is executed (VLA.predict_actions). One draw in a few stops the carry
+# short or closes the jaws a little early; with three the odd one is outvoted. Measured on the pipeline's m1
+# (session 33, EXPERIMENTS.md item 34): 281 -> 302 of 400 `seen` + `unseen` episodes with 3, 298 with 5, for
+# ~30 ms a chunk instead of ~20 on one thread.
+SAMPLES = 3
+
+
 class Policy:
     """policy = Policy.load("out/m1/ckpt"); policy.reset(); action = policy.act(obs, instruction)
 
@@ -915,7 +922,8 @@ class Policy:
     """
 
     def __init__(self, vla, config: dict, device: str = "cpu", n_ddim: int = 10, replan_every: int = 0,
-                 seed: int = 0, threads: int = 1, noise_scale: float = 1.0, samples: int = 1, ensemble: float = 0.0):
+                 seed: int = 0, threads: int = 1, noise_scale: float = 1.0, samples: int = SAMPLES,
+                 ensemble: float = 0.0):
         import data  # the tokenizer and the preprocessing shared with training
 
         self.data = data

@@ -14,7 +14,7 @@ the DiT, about three times cheaper; in the same wall time that won, 57.8% agains
 
     python train_action.py --preset smoke                     # < 1 minute, for tests
     python train_action.py                                    # m1, the README's laptop run (preset default): the
-                                                              # planner frozen, 6000 steps (EXPERIMENTS.md, 30-31)
+                                                              # planner frozen, 5500 steps (EXPERIMENTS.md, 30-34)
     python train_action.py --no-frozen-planner --cotrain      # the paper's co-trained recipe (2500 steps)
     python train_action.py --variant vanilla --out out/vanilla  # the paper's "vanilla VLA" ablation
     python train_action.py --no-written-plan --no-plan-numbers  # m1 without the written plan: the paper's latent
@@ -143,7 +143,7 @@ class Config:
     batch_size: int = 32         # robot samples per step
     grounding_batch: int = 32    # grounding questions per step (co-training)
     max_steps: int = 0           # 0 = the default's wall time (~22-25 min on 2 cores) for this recipe's step cost
-                                 # (default_steps): 6000 with a frozen planner, 3600 when the action loss alone trains
+                                 # (default_steps): 5500 with a frozen planner, 3600 when the action loss alone trains
                                  # it (vanilla), 2500 co-trained. Co-trained, 2000 -> 2500 steps took success from
                                  # 34.5% to 46.8%, 5000 to 63.2% (EXPERIMENTS.md, items 25-26)
     lr_planner: float = 1e-4     # per-module learning rates, in the paper's proportions (1 : 10 : 5); the low
@@ -188,7 +188,8 @@ VARIANTS = {
     # m1 keeps stage 1's planner frozen since session 29: from the same planner and in the same wall time
     # (~25 min on 2 cores), 6900 frozen steps succeeded in 59-62% of the episodes, the paper's co-trained
     # recipe (--no-frozen-planner --cotrain --max-steps 2500) in 38-47% (EXPERIMENTS.md, item 30). 6000 since
-    # session 30, so that the whole pipeline fits the hour on the slower AMD EPYC too (item 31)
+    # session 30, so that the whole pipeline fits the hour on the slower AMD EPYC too (item 31); 5500 since session
+    # 33, to leave room in the hour for control's three chunks per plan (model.SAMPLES; item 34)
     "m1": dict(from_stage1=True, spatial_prompt=True, frozen_planner=True, cotrain=False, grad_decay=0.5,
                where_weight=10.0, written_plan=True, plan_numbers=True),
     "vanilla": dict(from_stage1=False, spatial_prompt=False, frozen_planner=False, cotrain=False, grad_decay=1.0,
@@ -200,7 +201,7 @@ def default_steps(cfg) -> int:
     """Steps that take about the default's wall time (~22-25 min on 2 cores) at this recipe's cost per step, so
     recipes compared side by side get the same compute: a frozen planner ~185-220 ms a step, the whole network
     trained by the action loss (vanilla) ~350-420 ms, co-trained ~600-700 ms (EXPERIMENTS.md, items 29-30)."""
-    return 6000 if cfg.frozen_planner else 2500 if cfg.cotrain else 3600
+    return 5500 if cfg.frozen_planner else 2500 if cfg.cotrain else 3600
 
 
 def parse_config(argv=None) -> Config:

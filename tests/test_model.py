@@ -737,6 +737,28 @@ def test_several_samples_keep_the_medoid_so_one_odd_draw_is_outvoted(monkeypatch
     assert torch.equal(out[1], draws[5 + int(d.argmin())])
 
 
+def test_a_policy_executes_the_medoid_of_several_draws_by_default(monkeypatch):
+    """Policy draws model.SAMPLES (> 1) chunks per plan unless told otherwise (samples=1: a single draw)."""
+    import numpy as np
+
+    import data
+    import model as model_module
+    from model import Policy
+
+    tok = data.get_tokenizer()
+    vla = VLA(tiny_planner_config(vocab_size=tok.n_vocab, max_text_len=64), tiny_action_config())
+    stats = {"action": {"low": [-1.0] * 6, "high": [1.0] * 6}, "state": {"low": [-2.0] * 6, "high": [2.0] * 6}}
+    config = {"tokenizer": data.ranks_to_json(data.load_ranks()), "image_size": 24, "spatial_prompt": False,
+              "use_state": False, "norm_stats": stats, "chunk_len": 4}
+    asked = []
+    real = vla.predict_actions
+    monkeypatch.setattr(vla, "predict_actions", lambda *a: asked.append(a[7]) or real(*a))
+    obs = {"image": np.zeros((24, 24, 3), np.uint8), "state": np.zeros(6, np.float32)}
+    for kwargs in ({}, {"samples": 1}):
+        Policy(vla, config, threads=0, **kwargs).act(obs, "pick up the cube")
+    assert model_module.SAMPLES > 1 and asked == [model_module.SAMPLES, 1]
+
+
 def test_plan_numbers_reach_the_action_expert_beside_the_state(monkeypatch):
     """A checkpoint trained with --plan-numbers: the state the DiT reads is the normalised joint state and then
     the numbers of the plan the planner wrote (data.plan_vector), as in training (DemoDataset)."""
