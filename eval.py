@@ -563,14 +563,14 @@ def evaluate(ckpts: list, names: list, suites: list, episodes: int, seed: int, o
 
     os.makedirs(out, exist_ok=True)
     results = {"machine": machine(), "episodes_per_suite": episodes, "seed": seed, "workers": workers,
-               "replan_every": replan_every or "chunk_len // 2", "noise_scale": noise_scale, "samples": samples,
+               "replan_every": replan_every or "chunk_len // 2", "noise_scale": noise_scale,
                "ensemble": ensemble,
                "suites": {s: {} for s in suites},
                "grounding": {}, "checkpoints": dict(zip(names, ckpts)), "render_difference": {}}
     for ck, name in zip(ckpts, names):
         policy = Policy.load(ck, replan_every=replan_every, noise_scale=noise_scale, ensemble=ensemble,
                              **({} if samples is None else {"samples": samples}))
-        results["samples"] = policy.samples
+        results["samples"] = policy.samples  # the number control used (model.SAMPLES when samples is None)
         results["render_difference"][name] = data.render_check(policy.config, name)
         for s in suites:
             t0 = time.time()

@@ -696,7 +696,7 @@ def gripper_pixel(states, image_size: int = 96, height: float | None = None) -> 
     arm reports too, and a camera placed as the simulator's is (as any policy trained here assumes).
     train_action.py --gripper-point hands it to the action expert beside the written plan's place point, in
     the same units, so "the object is over its container" is two numbers being equal (measured: it did not
-    help; EXPERIMENTS.md, item 24)."""
+    help, before and after the height correction; EXPERIMENTS.md, items 24 and 34)."""
     if not _ARM_MODEL:  # the image size enters only through `project`
         env = SO100Env(render=False)
         env.reset(seed=0)  # any table: objects do not move the arm or the camera
